@@ -1,0 +1,2 @@
+//! Audio input: decoding (WAV, FLAC, MP3, OGG), resampling to 16 kHz and the
+//! reference's power-mel features.

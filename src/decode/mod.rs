@@ -1,0 +1,1 @@
+//! Decoding: greedy and beam-search CTC, long-form windowing and timestamps.

@@ -1,0 +1,14 @@
+//! lcasr: train and run long-context Conformer-CTC speech recognisers.
+//!
+//! The library is usable without the command-line interface: every command of
+//! the `lcasr` binary is a thin wrapper around the functions here.
+
+pub mod audio;
+pub mod config;
+pub mod data;
+pub mod decode;
+pub mod model;
+pub mod run;
+pub mod script;
+pub mod text;
+pub mod train;

@@ -1,0 +1,2 @@
+//! The Conformer-CTC encoder (`SCConformerXL`-compatible) and reference
+//! checkpoint import.

@@ -1,0 +1,2 @@
+//! Run directories: manifests, metrics (JSONL and TensorBoard), progress and
+//! plots.

@@ -1,0 +1,2 @@
+//! The Rhai scripting host: engine construction, sandboxing and one
+//! registration module per domain.
