@@ -1,1 +1,185 @@
-fn main() {}
+//! The `lcasr` command line: parse, dispatch, print errors. No logic lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lcasr::config::{self, ConfigError, LoadOptions};
+
+/// Train and run long-context Conformer-CTC speech recognisers.
+///
+/// Experiments are Rhai scripts driven by a YAML config; the reference training
+/// procedure is scripts/train.rhai. Run `lcasr <command> --help` for details.
+#[derive(Parser)]
+#[command(name = "lcasr", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model with the reference procedure (scripts/train.rhai).
+    Train(TrainArgs),
+    /// Run any experiment script against a config.
+    Run(RunArgs),
+    /// Turn audio and transcripts into a feature cache and a manifest.
+    Prepare(PrepareArgs),
+    /// Word error rate of a checkpoint on a manifest at several context lengths.
+    Eval(EvalArgs),
+    /// Transcribe audio files, with word timestamps.
+    Transcribe(TranscribeArgs),
+    /// Inspect configs.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print the Rhai scripting API reference as Markdown.
+    ApiDocs,
+    /// Re-run a finished run from its recorded script and config, checking hashes.
+    Reproduce(ReproduceArgs),
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// The YAML config file.
+    config: PathBuf,
+    /// Overrides of config keys, e.g. `model.n_layers=9 optimizer.args.lr=1e-3`.
+    overrides: Vec<String>,
+    /// Treat unknown config keys as errors instead of warnings.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Resume the run in this run directory exactly where it stopped.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Start a new run even if the run directory exists (its contents are replaced).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The Rhai experiment script.
+    script: PathBuf,
+    /// The YAML config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Overrides of config keys, e.g. `model.n_layers=9`.
+    overrides: Vec<String>,
+    /// Treat unknown config keys as errors instead of warnings.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(Args)]
+struct PrepareArgs {
+    /// A folder of audio files with same-named .txt transcripts, reference-style
+    /// JSON transcripts, or a CSV/TSV/JSONL listing.
+    input: PathBuf,
+    /// Where to write the feature cache and the manifest.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The checkpoint (lcasr safetensors or a reference .pt file).
+    checkpoint: PathBuf,
+    /// The manifest of recordings to score.
+    manifest: PathBuf,
+    /// Context lengths, e.g. `10s,80s,20m` or frames.
+    #[arg(long, value_delimiter = ',')]
+    context: Vec<String>,
+}
+
+#[derive(Args)]
+struct TranscribeArgs {
+    /// The checkpoint (lcasr safetensors or a reference .pt file).
+    checkpoint: PathBuf,
+    /// Audio files (WAV, FLAC, MP3, OGG).
+    #[arg(required = true)]
+    audio: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReproduceArgs {
+    /// The run directory to reproduce.
+    run: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config and print it resolved (defaults filled, overrides applied).
+    Check(ConfigArgs),
+}
+
+/// Exit status for bad input (configs, arguments), as clap uses for usage errors.
+const EXIT_BAD_INPUT: u8 = 2;
+
+fn main() -> ExitCode {
+    install_panic_hook();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(ConfigCommand::Check(args)) => config_check(&args),
+        Command::Train(_) => not_yet("train", "the Rhai host and scripts/train.rhai"),
+        Command::Run(_) => not_yet("run", "the Rhai host"),
+        Command::Prepare(_) => not_yet("prepare", "the data pipeline"),
+        Command::Eval(_) => not_yet("eval", "decoding and long-form evaluation"),
+        Command::Transcribe(_) => not_yet("transcribe", "decoding and long-form evaluation"),
+        Command::ApiDocs => not_yet("api-docs", "the Rhai host"),
+        Command::Reproduce(_) => not_yet("reproduce", "run directories"),
+    }
+}
+
+fn config_check(args: &ConfigArgs) -> ExitCode {
+    let opts = LoadOptions {
+        strict: args.strict,
+        overrides: args.overrides.clone(),
+    };
+    match config::load_file(&args.config, &opts) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "# {}: valid. Resolved config (sha256 {}):",
+                args.config.display(),
+                loaded.config.canonical_hash()
+            );
+            print!("{}", loaded.config.to_yaml());
+            ExitCode::SUCCESS
+        }
+        Err(e) => config_error(&e),
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_BAD_INPUT)
+}
+
+fn not_yet(command: &str, part: &str) -> ExitCode {
+    eprintln!("error: `lcasr {command}` is not yet implemented (it arrives with {part})");
+    ExitCode::FAILURE
+}
+
+/// Panics are bugs: report them in one line, never with a Rust backtrace.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("internal error: {msg}{place}. This is a bug in lcasr; please report it.");
+    }));
+}
