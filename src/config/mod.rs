@@ -231,6 +231,34 @@ fn syntax_error(file: &str, e: &serde_saphyr::Error) -> ConfigError {
     }
 }
 
+/// Types only the `model:` section of a YAML document (e.g. a model card or
+/// a fixture config whose other sections are not training settings).
+pub fn load_model_section(text: &str, file: &str) -> Result<ModelConfig, ConfigError> {
+    let root = tree::parse(text).map_err(|e| syntax_error(file, &e))?;
+    let empty = tree::Node {
+        value: tree::Value::Null,
+        origin: root.origin.clone(),
+    };
+    let node = match &root.value {
+        tree::Value::Map(entries) => entries
+            .iter()
+            .rev()
+            .find(|(k, _, _)| k == "model")
+            .map(|(_, _, v)| v)
+            .unwrap_or(&empty),
+        _ => &empty,
+    };
+    let ctx = de::Context::default();
+    ModelConfig::deserialize(de::NodeDeserializer::new(node, "model".into(), &ctx)).map_err(|e| {
+        ConfigError::Invalid(vec![Diagnostic {
+            file: file.to_string(),
+            origin: e.origin.clone().unwrap_or(Origin::Default),
+            key: e.path.clone().unwrap_or_default(),
+            message: e.message.clone(),
+        }])
+    })
+}
+
 /// Splits `key.path=value`, checking the key's shape.
 fn parse_override(arg: &str) -> Result<(&str, &str), ConfigError> {
     let bad = || ConfigError::Override {

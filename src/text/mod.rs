@@ -1,2 +1,7 @@
 //! Text: the SentencePiece-compatible tokenizer, the English text normaliser
 //! used for scoring, and word error rate.
+
+pub mod english_numbers;
+pub mod normalize;
+pub mod spelling;
+pub mod wer;
