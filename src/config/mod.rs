@@ -249,14 +249,29 @@ pub fn load_model_section(text: &str, file: &str) -> Result<ModelConfig, ConfigE
         _ => &empty,
     };
     let ctx = de::Context::default();
-    ModelConfig::deserialize(de::NodeDeserializer::new(node, "model".into(), &ctx)).map_err(|e| {
-        ConfigError::Invalid(vec![Diagnostic {
-            file: file.to_string(),
-            origin: e.origin.clone().unwrap_or(Origin::Default),
-            key: e.path.clone().unwrap_or_default(),
-            message: e.message.clone(),
-        }])
-    })
+    ModelConfig::deserialize(de::NodeDeserializer::new(node, "model".into(), &ctx))
+        .map_err(|e| located(file, e))
+}
+
+/// Types a `model:` section given as JSON (e.g. walked out of a reference
+/// checkpoint's pickled config); `file` names its source in messages.
+pub fn model_config_from_json(
+    value: &serde_json::Value,
+    file: &str,
+) -> Result<ModelConfig, ConfigError> {
+    let node = tree::from_json(value);
+    let ctx = de::Context::default();
+    ModelConfig::deserialize(de::NodeDeserializer::new(&node, "model".into(), &ctx))
+        .map_err(|e| located(file, e))
+}
+
+fn located(file: &str, e: de::DeError) -> ConfigError {
+    ConfigError::Invalid(vec![Diagnostic {
+        file: file.to_string(),
+        origin: e.origin.clone().unwrap_or(Origin::Default),
+        key: e.path.clone().unwrap_or_default(),
+        message: e.message.clone(),
+    }])
 }
 
 /// Splits `key.path=value`, checking the key's shape.

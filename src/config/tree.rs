@@ -186,6 +186,30 @@ pub fn parse_override_value(text: &str, origin: Origin) -> Node {
     Node { value, origin }
 }
 
+/// A tree from JSON (every value's origin is [`Origin::Default`]).
+pub fn from_json(value: &serde_json::Value) -> Node {
+    use serde_json::Value as J;
+    let value = match value {
+        J::Null => Value::Null,
+        J::Bool(b) => Value::Bool(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => Value::Int(i),
+            None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::Str(s.clone()),
+        J::Array(items) => Value::Seq(items.iter().map(from_json).collect()),
+        J::Object(map) => Value::Map(
+            map.iter()
+                .map(|(k, v)| (k.clone(), Origin::Default, from_json(v)))
+                .collect(),
+        ),
+    };
+    Node {
+        value,
+        origin: Origin::Default,
+    }
+}
+
 fn retag(node: Node, origin: &Origin) -> Node {
     let value = match node.value {
         Value::Seq(items) => Value::Seq(items.into_iter().map(|n| retag(n, origin)).collect()),

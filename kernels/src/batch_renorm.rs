@@ -1,0 +1,463 @@
+//! BatchRenorm1d (reference §3.7) fused with its affine and a SiLU, for channels-last
+//! input (B, T, C), as a candle custom op with forward and backward.
+
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::cpu_f32::{check_f32, cpu_slice, multiversion, sigmoid, to_vec_f32, with_f32};
+
+/// Time steps handled by one rayon task.
+const ROWS_PER_TASK: usize = 64;
+
+/// Per-channel batch statistics of a training forward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Mean over the counted positions.
+    pub mean: Vec<f32>,
+    /// sqrt(biased variance) + eps over the counted positions.
+    pub std: Vec<f32>,
+}
+
+/// How the normalisation statistics are obtained.
+#[derive(Debug, Clone, Copy)]
+pub enum RenormMode<'a> {
+    /// Batch statistics. Positions counted: all B*T when `lengths` is None (reference behaviour, includes padding),
+    /// otherwise only t < lengths[b]. r = clamp(std/running_std, 1/rmax, rmax), d = clamp((mean-running_mean)/running_std, -dmax, dmax), both constants (no gradient);
+    /// y = ((x-mean)/std * r + d) * weight + bias, then SiLU. Gradient flows through mean and std.
+    Train {
+        /// Running mean buffer (C).
+        running_mean: &'a [f32],
+        /// Running std buffer (C).
+        running_std: &'a [f32],
+        /// Bound of the std correction r.
+        rmax: f32,
+        /// Bound of the mean correction d.
+        dmax: f32,
+        /// Added to the std (not the variance).
+        eps: f32,
+        /// Valid time steps per batch item; None counts every position.
+        lengths: Option<&'a [usize]>,
+    },
+    /// y = ((x - running_mean)/running_std) * weight + bias, then SiLU (no eps, as the reference).
+    Eval {
+        /// Running mean buffer (C).
+        running_mean: &'a [f32],
+        /// Running std buffer (C).
+        running_std: &'a [f32],
+    },
+}
+
+/// BatchRenorm + affine + SiLU on `x` (B, T, C) with `weight`, `bias` (C). Returns the
+/// output and, in training mode, the batch statistics so the caller can update its
+/// running buffers. Gradients flow to `x`, `weight` and `bias`. f32 only.
+pub fn batch_renorm_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    mode: RenormMode,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let op = "batch_renorm_silu";
+    check_f32(x, op, "x")?;
+    check_f32(weight, op, "weight")?;
+    check_f32(bias, op, "bias")?;
+    let (b, t, c) = x.dims3()?;
+    if weight.dims() != [c] || bias.dims() != [c] {
+        bail!(
+            "{op}: weight and bias must be [{c}], got {:?} and {:?}",
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let (running_mean, running_std) = match mode {
+        RenormMode::Train {
+            running_mean,
+            running_std,
+            ..
+        }
+        | RenormMode::Eval {
+            running_mean,
+            running_std,
+        } => (running_mean, running_std),
+    };
+    if running_mean.len() != c || running_std.len() != c {
+        bail!("{op}: running buffers must have {c} channels");
+    }
+    let x = x.contiguous()?;
+    let (renorm, stats) = match mode {
+        RenormMode::Eval { .. } => {
+            let renorm = Renorm {
+                mean: running_mean.to_vec(),
+                inv_std: running_std.iter().map(|s| 1.0 / s).collect(),
+                r: vec![1.0; c],
+                d: vec![0.0; c],
+                batch: None,
+            };
+            (renorm, None)
+        }
+        RenormMode::Train {
+            rmax,
+            dmax,
+            eps,
+            lengths,
+            ..
+        } => {
+            let valid = match lengths {
+                None => vec![t; b],
+                Some(l) if l.len() == b && l.iter().all(|&v| v <= t) => l.to_vec(),
+                Some(l) => bail!("{op}: lengths {l:?} must be {b} values <= T = {t}"),
+            };
+            let count: usize = valid.iter().sum();
+            if count == 0 {
+                bail!("{op}: no valid positions to take batch statistics over");
+            }
+            let (mean, sigma) = with_f32(&x, op, |xs| Ok(batch_moments(xs, c, t, &valid)))?;
+            let std: Vec<f32> = sigma.iter().map(|s| s + eps).collect();
+            let r = std
+                .iter()
+                .zip(running_std)
+                .map(|(s, rs)| (s / rs).clamp(1.0 / rmax, rmax))
+                .collect();
+            let d = mean
+                .iter()
+                .zip(running_mean.iter().zip(running_std))
+                .map(|(m, (rm, rs))| ((m - rm) / rs).clamp(-dmax, dmax))
+                .collect();
+            let renorm = Renorm {
+                mean: mean.clone(),
+                inv_std: std.iter().map(|s| 1.0 / s).collect(),
+                r,
+                d,
+                batch: Some(BatchInfo {
+                    valid,
+                    count,
+                    sigma,
+                }),
+            };
+            (renorm, Some(BatchStats { mean, std }))
+        }
+    };
+    let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, renorm)?;
+    Ok((y, stats))
+}
+
+/// Which positions the batch statistics counted, for the backward pass.
+struct BatchInfo {
+    /// Valid time steps per batch item.
+    valid: Vec<usize>,
+    /// Number of counted positions.
+    count: usize,
+    /// sqrt(biased variance) per channel (the std without eps).
+    sigma: Vec<f32>,
+}
+
+/// z = ((x - mean) * inv_std * r + d) * weight + bias; y = silu(z).
+struct Renorm {
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    r: Vec<f32>,
+    d: Vec<f32>,
+    /// Present in training mode: gradients then flow through the batch statistics.
+    batch: Option<BatchInfo>,
+}
+
+/// Is global row `row` (b*T + t) a counted position?
+fn is_valid(row: usize, t_len: usize, valid: &[usize]) -> bool {
+    row % t_len < valid[row / t_len]
+}
+
+multiversion! {
+    /// Adds the rows of `x` (or their squared deviations from `mean`) into `acc`.
+    fn accumulate_rows(x: &[f32], acc: &mut [f32], mean: &[f32], squared: bool) {
+        for xr in x.chunks_exact(acc.len()) {
+            if squared {
+                for ((a, v), m) in acc.iter_mut().zip(xr).zip(mean) {
+                    *a += (v - m) * (v - m);
+                }
+            } else {
+                for (a, v) in acc.iter_mut().zip(xr) {
+                    *a += v;
+                }
+            }
+        }
+    }
+}
+
+/// Sums over the counted rows of (B*T, C) data, per channel, in f64 across tasks.
+fn channel_sums(
+    x: &[f32],
+    c: usize,
+    t_len: usize,
+    valid: &[usize],
+    mean: &[f32],
+    squared: bool,
+) -> Vec<f64> {
+    x.par_chunks(c * ROWS_PER_TASK)
+        .enumerate()
+        .map(|(i, xc)| {
+            let mut acc = vec![0.0f32; c];
+            let r0 = i * ROWS_PER_TASK;
+            let rows = xc.len() / c;
+            // Counted rows come in runs; sum each run at once.
+            let mut j = 0;
+            while j < rows {
+                let start = j;
+                let keep = is_valid(r0 + j, t_len, valid);
+                while j < rows && is_valid(r0 + j, t_len, valid) == keep {
+                    j += 1;
+                }
+                if keep {
+                    accumulate_rows(&xc[start * c..j * c], &mut acc, mean, squared);
+                }
+            }
+            acc
+        })
+        .fold(
+            || vec![0.0f64; c],
+            |mut total, part| {
+                total
+                    .iter_mut()
+                    .zip(&part)
+                    .for_each(|(t, p)| *t += *p as f64);
+                total
+            },
+        )
+        .reduce(
+            || vec![0.0f64; c],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
+                a
+            },
+        )
+}
+
+/// Per-channel mean and sqrt(biased variance) over the counted positions.
+fn batch_moments(x: &[f32], c: usize, t_len: usize, valid: &[usize]) -> (Vec<f32>, Vec<f32>) {
+    let n = valid.iter().sum::<usize>() as f64;
+    let zeros = vec![0.0f32; c];
+    let mean: Vec<f32> = channel_sums(x, c, t_len, valid, &zeros, false)
+        .iter()
+        .map(|s| (s / n) as f32)
+        .collect();
+    let sigma = channel_sums(x, c, t_len, valid, &mean, true)
+        .iter()
+        .map(|s| (s / n).sqrt() as f32)
+        .collect();
+    (mean, sigma)
+}
+
+multiversion! {
+    /// y = silu((x - m) * a + b) per row, with per-channel m, a and b.
+    fn fwd_rows(x: &[f32], y: &mut [f32], m: &[f32], a: &[f32], b: &[f32]) {
+        for (xr, yr) in x.chunks_exact(a.len()).zip(y.chunks_exact_mut(a.len())) {
+            for ((((yv, xv), mv), av), bv) in yr.iter_mut().zip(xr).zip(m).zip(a).zip(b) {
+                let z = (xv - mv) * av + bv;
+                *yv = z * sigmoid(z);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Direct part of dx, plus partial sums of dweight (into `dw`) and dbias (into `db`).
+    /// With xc = x - m: z = xc*a + b, the normalised value is xc*u + v and the direct
+    /// input gradient is dz * a.
+    fn bwd_rows(
+        x: &[f32],
+        dy: &[f32],
+        dx: &mut [f32],
+        coefs: &[&[f32]; 5],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let [m, a, b, u, v] = *coefs;
+        let c = a.len();
+        let (m, b, u, v, dw, db) = (&m[..c], &b[..c], &u[..c], &v[..c], &mut dw[..c], &mut db[..c]);
+        for ((xr, dyr), dxr) in x.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)) {
+            let (xr, dyr, dxr) = (&xr[..c], &dyr[..c], &mut dxr[..c]);
+            for i in 0..c {
+                let xc = xr[i] - m[i];
+                let z = xc * a[i] + b[i];
+                let s = sigmoid(z);
+                let dz = dyr[i] * s * (1.0 + z * (1.0 - s));
+                dw[i] += dz * (xc * u[i] + v[i]);
+                db[i] += dz;
+                dxr[i] = dz * a[i];
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Adds the batch-statistics part of dx: k1 + k2 * (x - mean) per counted row.
+    fn stats_grad_rows(x: &[f32], dx: &mut [f32], k1: &[f32], k2: &[f32], mean: &[f32]) {
+        let c = k1.len();
+        for (xr, dxr) in x.chunks_exact(c).zip(dx.chunks_exact_mut(c)) {
+            for ((((d, xv), p), q), m) in dxr.iter_mut().zip(xr).zip(k1).zip(k2).zip(mean) {
+                *d += p + q * (xv - m);
+            }
+        }
+    }
+}
+
+impl Renorm {
+    /// Per-channel scale u = r / std: the normalised value is (x - mean) * u + d.
+    fn scale(&self) -> Vec<f32> {
+        self.inv_std
+            .iter()
+            .zip(&self.r)
+            .map(|(s, r)| s * r)
+            .collect()
+    }
+
+    /// Per-channel (a, b) such that z = (x - mean) * a + b.
+    fn affine_coefs(&self, w: &[f32], bias: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let a = self.scale().iter().zip(w).map(|(u, w)| u * w).collect();
+        let b = self
+            .d
+            .iter()
+            .zip(w)
+            .zip(bias)
+            .map(|((d, w), b)| d * w + b)
+            .collect();
+        (a, b)
+    }
+}
+
+impl CustomOp3 for Renorm {
+    fn name(&self) -> &'static str {
+        "lcasr-batch-renorm-silu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, w, bias) = (
+            cpu_slice(s1, l1, op)?,
+            cpu_slice(s2, l2, op)?,
+            cpu_slice(s3, l3, op)?,
+        );
+        let c = w.len();
+        let (a, b) = self.affine_coefs(w, bias);
+        let mut y = vec![0.0f32; x.len()];
+        y.par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(x.par_chunks(c * ROWS_PER_TASK))
+            .for_each(|(yc, xc)| fwd_rows(xc, yc, &self.mean, &a, &b));
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
+        let (w, bs) = (to_vec_f32(weight, op)?, to_vec_f32(bias, op)?);
+        let c = w.len();
+        let t_len = x.dim(1)?;
+        let (a, b) = self.affine_coefs(&w, &bs);
+        let u = self.scale();
+        let (dx, dw, db) = with_f32(x, op, |xs| {
+            with_f32(grad, op, |dy| {
+                let mut dx = vec![0.0f32; xs.len()];
+                let coefs = [&self.mean[..], &a[..], &b[..], &u[..], &self.d[..]];
+                let (dw, db) = dx
+                    .par_chunks_mut(c * ROWS_PER_TASK)
+                    .zip(xs.par_chunks(c * ROWS_PER_TASK))
+                    .zip(dy.par_chunks(c * ROWS_PER_TASK))
+                    .map(|((dxc, xc), dyc)| {
+                        let (mut dw, mut db) = (vec![0.0f32; c], vec![0.0f32; c]);
+                        bwd_rows(xc, dyc, dxc, &coefs, &mut dw, &mut db);
+                        (dw, db)
+                    })
+                    .fold(
+                        || (vec![0.0f64; c], vec![0.0f64; c]),
+                        |(mut tw, mut tb), (pw, pb)| {
+                            tw.iter_mut().zip(&pw).for_each(|(t, p)| *t += *p as f64);
+                            tb.iter_mut().zip(&pb).for_each(|(t, p)| *t += *p as f64);
+                            (tw, tb)
+                        },
+                    )
+                    .reduce(
+                        || (vec![0.0f64; c], vec![0.0f64; c]),
+                        |(mut a1, mut b1), (a2, b2)| {
+                            a1.iter_mut().zip(&a2).for_each(|(p, q)| *p += q);
+                            b1.iter_mut().zip(&b2).for_each(|(p, q)| *p += q);
+                            (a1, b1)
+                        },
+                    );
+                if let Some(info) = &self.batch {
+                    self.add_stats_grad(xs, &mut dx, &w, &dw, &db, info, t_len);
+                }
+                let dw: Vec<f32> = dw.iter().map(|v| *v as f32).collect();
+                let db: Vec<f32> = db.iter().map(|v| *v as f32).collect();
+                Ok((dx, dw, db))
+            })
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, c, dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
+    }
+}
+
+impl Renorm {
+    /// Adds the gradient that flows through the batch mean and std to the counted rows.
+    /// With g = dL/dxhat = dz * r * w: dL/dmean = -sum(g) / std and
+    /// dL/dstd = -sum(g * xhat) / std, where sum(g) = r*w*dbias and
+    /// sum(g * xhat) = w * (dweight - d * dbias).
+    #[allow(clippy::too_many_arguments)]
+    fn add_stats_grad(
+        &self,
+        x: &[f32],
+        dx: &mut [f32],
+        w: &[f32],
+        dw: &[f64],
+        db: &[f64],
+        info: &BatchInfo,
+        t_len: usize,
+    ) {
+        let c = w.len();
+        let n = info.count as f64;
+        let mut k1 = vec![0.0f32; c];
+        let mut k2 = vec![0.0f32; c];
+        for i in 0..c {
+            let inv_std = self.inv_std[i] as f64;
+            let (wi, ri, di) = (w[i] as f64, self.r[i] as f64, self.d[i] as f64);
+            let sum_g = ri * wi * db[i];
+            let sum_gx = wi * (dw[i] - di * db[i]);
+            let dmean = -sum_g * inv_std;
+            let dstd = -sum_gx * inv_std;
+            k1[i] = (dmean / n) as f32;
+            // d sigma / d x_j = (x_j - mean) / (n * sigma); no contribution when sigma = 0.
+            let sigma = info.sigma[i] as f64;
+            k2[i] = if sigma > 0.0 {
+                (dstd / (n * sigma)) as f32
+            } else {
+                0.0
+            };
+        }
+        dx.par_chunks_mut(c * ROWS_PER_TASK)
+            .zip(x.par_chunks(c * ROWS_PER_TASK))
+            .enumerate()
+            .for_each(|(i, (dxc, xc))| {
+                let r0 = i * ROWS_PER_TASK;
+                for (j, (dxr, xr)) in dxc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).enumerate() {
+                    if is_valid(r0 + j, t_len, &info.valid) {
+                        stats_grad_rows(xr, dxr, &k1, &k2, &self.mean);
+                    }
+                }
+            });
+    }
+}

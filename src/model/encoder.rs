@@ -1,0 +1,322 @@
+//! The whole encoder, `SCConformerXL`-compatible (reference-spec §3.1):
+//! subsampling, optional Fourier positions, Conformer blocks with
+//! self-conditioning between them, and the CTC head.
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use lcasr_kernels::rotary::{inv_freq, rotary_tables};
+
+use super::builder::{Builder, Init};
+use super::conformer::{ConformerLayer, RenormState};
+use super::decoder::Decoder;
+use super::layers::Ctx;
+use super::subsampling::Subsampling;
+use crate::config::{ConvNorm, ConvType, ModelConfig};
+
+/// How to run a forward pass.
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOptions {
+    /// Training mode (batch statistics, dropout, autograd graph).
+    pub train: bool,
+    /// Seed of this pass's dropout masks.
+    pub dropout_seed: u64,
+    /// Keep every block's output (for inspection and tests).
+    pub keep_layer_outputs: bool,
+    /// BatchRenorm statistics include padded frames, as the reference computed
+    /// them (needed to reproduce its training numerics exactly).
+    pub compat_renorm_padding: bool,
+}
+
+/// What a forward pass returns.
+pub struct EncoderOutput {
+    /// (B, N, C) logits of the CTC head; `log_probs()` normalises them.
+    pub logits: Tensor,
+    /// Valid encoder frames per item.
+    pub lengths: Vec<usize>,
+    /// The self-conditioning logits after each block but the last.
+    pub interim_logits: Vec<Tensor>,
+    /// Block outputs (before self-conditioning), when asked for.
+    pub layer_outputs: Vec<Tensor>,
+}
+
+impl EncoderOutput {
+    /// (B, N, C) log-probabilities: log_softmax of the logits.
+    pub fn log_probs(&self) -> Result<Tensor> {
+        candle_nn::ops::log_softmax(&self.logits, D::Minus1)
+    }
+}
+
+/// Rotary buffers: the frequencies and the interpolation factor (a
+/// checkpoint's values win over the config's base).
+struct Rotary {
+    inv_freq: Vec<f32>,
+    factor: f32,
+}
+
+/// The encoder.
+pub struct Encoder {
+    cfg: ModelConfig,
+    classes: usize,
+    subsampling: Subsampling,
+    fourier: Option<Var>,
+    layers: Vec<ConformerLayer>,
+    decoder: Decoder,
+    rotary: Option<Rotary>,
+    params: BTreeMap<String, Var>,
+    device: Device,
+}
+
+impl Encoder {
+    /// A freshly initialised model with `vocab_size` pieces (+1 blank class);
+    /// the initialisation is a function of `seed` only.
+    pub fn init(
+        cfg: &ModelConfig,
+        vocab_size: usize,
+        seed: u64,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        Encoder::build(cfg, vocab_size + 1, Builder::init(seed, device))
+    }
+
+    /// A model whose parameters and buffers come from a reference state dict;
+    /// the number of classes is read from `decoder.ff.weight`.
+    pub fn from_state_dict(
+        cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let classes = tensors
+            .get("decoder.ff.weight")
+            .map(|t| t.dims()[0])
+            .ok_or_else(|| {
+                anyhow::anyhow!("the checkpoint has no `decoder.ff.weight`: not an lcasr model")
+            })?;
+        Encoder::build(cfg, classes, Builder::from_tensors(tensors, device))
+    }
+
+    fn build(cfg: &ModelConfig, classes: usize, b: Builder) -> anyhow::Result<Self> {
+        refuse_unsupported(cfg)?;
+        let d = cfg.d_model as usize;
+        let subsampling = Subsampling::new(&b, cfg)?;
+        let fourier = cfg
+            .fourier_pos_enc
+            .then(|| b.param("fourier_pos_enc.w_r", &[1, d / 2], Init::Normal));
+        let layers = (0..cfg.n_layers as usize)
+            .map(|i| ConformerLayer::new(&b, i, cfg))
+            .collect();
+        let decoder = Decoder::new(&b, cfg, classes);
+        let rotary = cfg.use_rotary.then(|| {
+            let dh = cfg.head_dim as usize;
+            let computed = inv_freq(cfg.rotary_base_freq, dh);
+            let inv = if b.has("rotary_pos_emb.inv_freq") {
+                b.buffer("rotary_pos_emb.inv_freq", &[dh / 2], Init::Const(0.0))
+            } else {
+                b.accept("rotary_pos_emb.inv_freq");
+                computed
+            };
+            let factor = if b.has("rotary_pos_emb.rotary_interpolation_factor") {
+                b.buffer(
+                    "rotary_pos_emb.rotary_interpolation_factor",
+                    &[],
+                    Init::Const(1.0),
+                )[0]
+            } else {
+                cfg.rotary_interpolation_factor as f32
+            };
+            Rotary {
+                inv_freq: inv,
+                factor,
+            }
+        });
+        let device = b.device().clone();
+        let params = b.finish()?;
+        Ok(Encoder {
+            cfg: cfg.clone(),
+            classes,
+            subsampling,
+            fourier,
+            layers,
+            decoder,
+            rotary,
+            params,
+            device,
+        })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Output classes (vocabulary + blank); the blank is the last class.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable parameters by reference state-dict name.
+    pub fn params(&self) -> &BTreeMap<String, Var> {
+        &self.params
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.params.values().map(|v| v.elem_count()).sum()
+    }
+
+    /// Runs the model on (B, F, T) features with `lengths` valid frames per
+    /// item (all T when `None`).
+    pub fn forward(
+        &self,
+        features: &Tensor,
+        lengths: Option<&[usize]>,
+        opts: &ForwardOptions,
+    ) -> Result<EncoderOutput> {
+        let (batch, _, t) = features.dims3()?;
+        let lengths: Vec<usize> = match lengths {
+            Some(l) => l.to_vec(),
+            None => vec![t; batch],
+        };
+        let mut ctx = Ctx::new(opts.train, None, opts.dropout_seed);
+        ctx.brn_stats_include_padding = opts.compat_renorm_padding;
+        let x = features.transpose(1, 2)?;
+        let (mut x, out_lengths) = self.subsampling.forward(&x, &lengths, &ctx)?;
+        let n = x.dim(1)?;
+        let uneven = out_lengths.iter().min() != out_lengths.iter().max();
+        if uneven {
+            let clamped: Vec<usize> = out_lengths.iter().map(|&l| l.min(n)).collect();
+            let mask: Vec<f32> = clamped
+                .iter()
+                .flat_map(|&l| (0..n).map(move |i| if i < l { 1.0 } else { 0.0 }))
+                .collect();
+            ctx.mask = Some(Tensor::from_vec(mask, (batch, n, 1), x.device())?);
+            ctx.lengths = Some(clamped);
+        }
+        if let Some(r) = &self.rotary {
+            ctx.rotary = Some(rotary_tables(&r.inv_freq, n, r.factor));
+        }
+        if let Some(w) = &self.fourier {
+            x = x.broadcast_add(&fourier_features(&ctx.w(w), n, self.cfg.d_model as usize)?)?;
+        }
+        if self.cfg.self_condition_subsampling {
+            x = self.decoder.self_condition(&x, &ctx)?.0;
+        }
+        let mut interim_logits = Vec::new();
+        let mut layer_outputs = Vec::new();
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &ctx)?;
+            if opts.keep_layer_outputs {
+                layer_outputs.push(x.clone());
+            }
+            if self.cfg.self_conditioning && i < last {
+                let (y, logits) = self.decoder.self_condition(&x, &ctx)?;
+                x = y;
+                interim_logits.push(logits);
+            }
+        }
+        let logits = self.decoder.final_logits(&x, &ctx)?;
+        Ok(EncoderOutput {
+            logits,
+            lengths: out_lengths,
+            interim_logits,
+            layer_outputs,
+        })
+    }
+
+    /// Every parameter and buffer under its reference state-dict name
+    /// (BatchRenorm counters as I64 scalars), sorted by name.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out: BTreeMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
+            .collect();
+        for layer in &self.layers {
+            if let Some((prefix, s)) = layer.renorm_state() {
+                let c = s.mean.len();
+                out.insert(
+                    format!("{prefix}.running_mean"),
+                    Tensor::from_vec(s.mean, c, &self.device)?,
+                );
+                out.insert(
+                    format!("{prefix}.running_std"),
+                    Tensor::from_vec(s.std, c, &self.device)?,
+                );
+                out.insert(
+                    format!("{prefix}.num_batches_tracked"),
+                    Tensor::new(s.num_batches_tracked, &self.device)?,
+                );
+            }
+        }
+        if let Some(r) = &self.rotary {
+            out.insert(
+                "rotary_pos_emb.inv_freq".into(),
+                Tensor::from_vec(r.inv_freq.clone(), r.inv_freq.len(), &self.device)?,
+            );
+            out.insert(
+                "rotary_pos_emb.rotary_interpolation_factor".into(),
+                Tensor::new(r.factor, &self.device)?,
+            );
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// The BatchRenorm state of every block (prefix, state), in block order.
+    pub fn renorm_states(&self) -> Vec<(String, RenormState)> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.renorm_state())
+            .collect()
+    }
+
+    /// Restores BatchRenorm states saved by [`Encoder::renorm_states`].
+    pub fn set_renorm_states(&self, states: &[(String, RenormState)]) {
+        for (layer, (_, s)) in self
+            .layers
+            .iter()
+            .filter(|l| l.renorm_state().is_some())
+            .zip(states)
+        {
+            layer.set_renorm_state(s.clone());
+        }
+    }
+}
+
+/// Learnable Fourier features: concat(cos(p·w), sin(p·w)) / √d for p < n.
+fn fourier_features(w: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let p: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let p = Tensor::from_vec(p, (n, 1), w.device())?;
+    let angles = p.matmul(w)?;
+    let pe = Tensor::cat(&[angles.cos()?, angles.sin()?], 1)?;
+    (pe / (d as f64).sqrt())?.to_dtype(DType::F32)
+}
+
+/// Options the model cannot honour yet fail loudly instead of being ignored.
+fn refuse_unsupported(cfg: &ModelConfig) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    if cfg.conv_type == ConvType::Longconv {
+        problems.push("model.conv_type: `longconv` is not supported yet; use `standard`");
+    }
+    if cfg.conv_norm != ConvNorm::BatchRenorm && !cfg.transformer {
+        problems.push("model.conv_norm: only `batch_renorm` is supported yet");
+    }
+    if cfg.learned_rotary {
+        problems.push("model.learned_rotary: trainable rotary frequencies are not supported yet");
+    }
+    if cfg.checkpoint_every_n_layers > 0 {
+        problems.push(
+            "model.checkpoint_every_n_layers: activation checkpointing is not supported yet; set it to 0",
+        );
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", problems.join("\n"))
+    }
+}

@@ -1,0 +1,187 @@
+//! The small building blocks: linear maps, norms, dropout, and the per-forward
+//! context they share.
+
+use std::cell::RefCell;
+
+use candle_core::{Result, Tensor, Var};
+use lcasr_kernels::norm::{layer_norm, rms_norm};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::builder::{Builder, Init};
+use crate::config::NormKind;
+
+/// What one forward pass needs besides the input: the mode, the padding and
+/// the dropout randomness.
+pub struct Ctx {
+    /// Training mode: batch statistics, dropout, a recorded graph.
+    pub train: bool,
+    /// Valid encoder frames per item, or `None` when every item is full
+    /// length (then no masking happens anywhere, as in the reference).
+    pub lengths: Option<Vec<usize>>,
+    /// (B, N, 1) with 1 at valid frames and 0 at padding, when `lengths` is set.
+    pub mask: Option<Tensor>,
+    /// Rotary cos/sin tables (N x head_dim each), when rotary is on.
+    pub rotary: Option<(Vec<f32>, Vec<f32>)>,
+    /// BatchRenorm statistics include padded frames (the reference's behaviour).
+    pub brn_stats_include_padding: bool,
+    dropout_rng: RefCell<ChaCha8Rng>,
+}
+
+impl Ctx {
+    /// A context; `dropout_seed` seeds every dropout mask of this forward.
+    pub fn new(train: bool, lengths: Option<Vec<usize>>, dropout_seed: u64) -> Self {
+        Ctx {
+            train,
+            lengths,
+            mask: None,
+            rotary: None,
+            brn_stats_include_padding: false,
+            dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
+        }
+    }
+
+    /// The tensor of a parameter: tracked by autograd in training, detached
+    /// (no graph) in evaluation.
+    pub fn w(&self, v: &Var) -> Tensor {
+        if self.train {
+            v.as_tensor().clone()
+        } else {
+            v.as_detached_tensor()
+        }
+    }
+
+    /// Inverted dropout with probability `p` (identity in eval or when p = 0).
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train || p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let mut rng = self.dropout_rng.borrow_mut();
+        let mask: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?;
+        x.mul(&mask)
+    }
+
+    /// A fresh seed for a kernel that draws its own dropout masks.
+    pub fn next_seed(&self) -> u64 {
+        self.dropout_rng.borrow_mut().random()
+    }
+
+    /// Zeroes padded frames of a (B, N, C) tensor (identity without padding).
+    pub fn zero_padding(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.mask {
+            Some(m) => x.broadcast_mul(m),
+            None => Ok(x.clone()),
+        }
+    }
+}
+
+/// y = x·Wᵀ (+ b) over the last dimension. Weights may carry trailing unit
+/// dimensions (1-wide convolutions), which are dropped.
+pub struct Linear {
+    weight: Var,
+    bias: Option<Var>,
+    out_dim: usize,
+    in_dim: usize,
+}
+
+impl Linear {
+    /// A linear map `name.weight` (out, in) and optionally `name.bias`.
+    pub fn new(b: &Builder, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Self {
+        Linear::with_shape(b, name, in_dim, out_dim, bias, &[out_dim, in_dim])
+    }
+
+    /// As [`Linear::new`], with the weight stored as `weight_shape`
+    /// (e.g. (out, in, 1) for a kernel-1 convolution).
+    pub fn with_shape(
+        b: &Builder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        weight_shape: &[usize],
+    ) -> Self {
+        let weight = b.param(&format!("{name}.weight"), weight_shape, Init::FanIn(in_dim));
+        let bias = bias.then(|| b.param(&format!("{name}.bias"), &[out_dim], Init::FanIn(in_dim)));
+        Linear {
+            weight,
+            bias,
+            out_dim,
+            in_dim,
+        }
+    }
+
+    /// Applies the map to the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let w = ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))?;
+        let mut y = x.reshape((rows, self.in_dim))?.matmul(&w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&ctx.w(b))?;
+        }
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
+        y.reshape(out_dims)
+    }
+}
+
+/// LayerNorm (eps 1e-5, weight and bias) or RMSNorm (eps 1e-5, weight) over
+/// the last dimension, on the fused kernels.
+pub enum Norm {
+    /// LayerNorm.
+    Layer {
+        /// Scale.
+        weight: Var,
+        /// Shift.
+        bias: Var,
+    },
+    /// RMSNorm with apex semantics: x / sqrt(mean(x²) + eps) · weight.
+    Rms {
+        /// Scale.
+        weight: Var,
+    },
+}
+
+/// Epsilon of every LayerNorm and RMSNorm of the model.
+const NORM_EPS: f64 = 1e-5;
+
+impl Norm {
+    /// A norm named `name` of width `dim`. For RMSNorm the reference's pure
+    /// torch fallback stored the scale as `.scale`; both names load.
+    pub fn new(b: &Builder, name: &str, dim: usize, kind: NormKind) -> Self {
+        match kind {
+            NormKind::LayerNorm => Norm::Layer {
+                weight: b.param(&format!("{name}.weight"), &[dim], Init::Const(1.0)),
+                bias: b.param(&format!("{name}.bias"), &[dim], Init::Const(0.0)),
+            },
+            NormKind::RmsNorm => {
+                let key = if b.has(&format!("{name}.scale")) {
+                    format!("{name}.scale")
+                } else {
+                    format!("{name}.weight")
+                };
+                Norm::Rms {
+                    weight: b.param(&key, &[dim], Init::Const(1.0)),
+                }
+            }
+        }
+    }
+
+    /// A LayerNorm whatever the model's default norm.
+    pub fn layer(b: &Builder, name: &str, dim: usize) -> Self {
+        Norm::new(b, name, dim, NormKind::LayerNorm)
+    }
+
+    /// Normalises the last dimension of `x`.
+    pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match self {
+            Norm::Layer { weight, bias } => layer_norm(x, &ctx.w(weight), &ctx.w(bias), NORM_EPS),
+            Norm::Rms { weight } => rms_norm(x, &ctx.w(weight), NORM_EPS),
+        }
+    }
+}
