@@ -10,3 +10,4 @@ pub mod mirror_madgrad;
 pub mod optimizer;
 pub mod rng;
 pub mod sequence_schedule;
+pub mod state;
