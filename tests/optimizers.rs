@@ -24,6 +24,7 @@ fn fixture_params(tensors: &HashMap<String, Tensor>, n: usize) -> Vec<Param> {
             name: format!("p{j}"),
             var: Var::from_tensor(&tensors[&format!("init.p{j}")]).unwrap(),
             weight_decay: true,
+            lr_scale: 1.0,
         })
         .collect()
 }
@@ -114,6 +115,7 @@ fn run_with_restart(
             name: format!("p{j}"),
             var: Var::from_tensor(t).unwrap(),
             weight_decay: true,
+            lr_scale: 1.0,
         })
         .collect();
     let mut opt = cfg.build();
@@ -235,6 +237,7 @@ fn hand_vectors_of_the_spec() {
             name: "w".into(),
             var: var.clone(),
             weight_decay: true,
+            lr_scale: 1.0,
         }];
         for (g, w) in grads.iter().zip(&want) {
             let mut store = GradStore::default();
@@ -420,4 +423,51 @@ fn finiteness_check_and_accumulation() {
         .unwrap();
     assert_eq!(a, [6.0, 8.0]);
     assert!((grad_total_norm(&params, &sum).unwrap() - 26.0).abs() < 1e-9);
+}
+
+/// A parameter group with its own learning rate (`lr_scale`) is updated
+/// exactly as if that parameter alone were stepped at the scaled LR, for every
+/// optimizer; Adam leaves a group at scale 0 untouched (frozen).
+#[test]
+fn per_group_learning_rates() {
+    let grads_of = |k: usize| -> Vec<f32> { vec![0.3 - 0.1 * k as f32, -0.2 + 0.05 * k as f32] };
+    for name in ["madgrad", "mirrormadgrad", "adam", "adamw"] {
+        for scale in [0.25f64, 0.0] {
+            let cfg = OptimizerConfig::from_args(name, &json!({})).unwrap();
+            // Two groups in one optimizer.
+            let a = Var::from_slice(&[1.0f32, -2.0], 2, &Device::Cpu).unwrap();
+            let b = Var::from_slice(&[0.5f32, 0.7], 2, &Device::Cpu).unwrap();
+            let mut pb = Param::new("b", b.clone());
+            pb.lr_scale = scale;
+            let both = [Param::new("a", a.clone()), pb];
+            // The scaled parameter alone, at the scaled LR.
+            let solo = Var::from_slice(&[0.5f32, 0.7], 2, &Device::Cpu).unwrap();
+            let solo_params = [Param::new("b", solo.clone())];
+            let mut opt = cfg.build();
+            let mut opt_solo = cfg.build();
+            for k in 0..4 {
+                let g = Tensor::new(grads_of(k).as_slice(), &Device::Cpu).unwrap();
+                let mut store = GradStore::default();
+                store.insert(a.as_tensor(), g.clone());
+                store.insert(b.as_tensor(), g.clone());
+                opt.step(&both, &store, 0.01).unwrap();
+                let mut solo_store = GradStore::default();
+                solo_store.insert(solo.as_tensor(), g);
+                opt_solo
+                    .step(&solo_params, &solo_store, 0.01 * scale)
+                    .unwrap();
+            }
+            let got = b.as_tensor().to_vec1::<f32>().unwrap();
+            let want = solo.as_tensor().to_vec1::<f32>().unwrap();
+            assert_eq!(got, want, "{name} at scale {scale}");
+            if scale == 0.0 && name.starts_with("adam") {
+                assert_eq!(got, vec![0.5, 0.7], "{name}: a zero-LR group stays frozen");
+            }
+            assert_ne!(
+                a.as_tensor().to_vec1::<f32>().unwrap(),
+                vec![1.0, -2.0],
+                "{name}: the unscaled group moved"
+            );
+        }
+    }
 }

@@ -67,6 +67,7 @@ impl Optimizer for Adam {
             let Some(grad) = grad_of(param, grads) else {
                 continue;
             };
+            let lr = lr * param.lr_scale;
             let t = self.param_steps.entry(param.name.clone()).or_insert(0);
             *t += 1;
             let t = *t as i32;

@@ -59,13 +59,14 @@ impl Optimizer for Madgrad {
 
     fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64) -> Result<()> {
         let cfg = &self.cfg;
-        let lr = if lr != 0.0 { lr + cfg.eps } else { 0.0 };
-        let lamb = lr * ((self.k + 1) as f64).sqrt();
         let names = self.buffer_names();
         for param in params {
             let Some(grad) = grad_of(param, grads) else {
                 continue;
             };
+            let lr = lr * param.lr_scale;
+            let lr = if lr != 0.0 { lr + cfg.eps } else { 0.0 };
+            let lamb = lr * ((self.k + 1) as f64).sqrt();
             let wd = if param.weight_decay {
                 cfg.weight_decay
             } else {

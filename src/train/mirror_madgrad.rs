@@ -55,7 +55,6 @@ impl Optimizer for MirrorMadgrad {
 
     fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64) -> Result<()> {
         let cfg = &self.cfg;
-        let lr = if lr != 0.0 { lr + cfg.eps } else { 0.0 };
         let k = self.k as f64;
         let update_ratio = (k / (k + 1.0)).sqrt();
         let lamb = (k + 1.0).powf(1.0 / 3.0);
@@ -63,6 +62,8 @@ impl Optimizer for MirrorMadgrad {
             let Some(grad) = grad_of(param, grads) else {
                 continue;
             };
+            let lr = lr * param.lr_scale;
+            let lr = if lr != 0.0 { lr + cfg.eps } else { 0.0 };
             let wd = if param.weight_decay {
                 cfg.weight_decay
             } else {

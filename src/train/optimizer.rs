@@ -24,6 +24,10 @@ pub struct Param {
     pub var: Var,
     /// Whether weight decay applies to this parameter.
     pub weight_decay: bool,
+    /// This parameter's learning rate as a multiple of the step's LR (its
+    /// group's LR: e.g. 0.1 for a fine-tuned front-end, 0 to freeze it
+    /// under Adam). 1 by default.
+    pub lr_scale: f64,
 }
 
 impl Param {
@@ -35,6 +39,7 @@ impl Param {
             name,
             var,
             weight_decay,
+            lr_scale: 1.0,
         }
     }
 }
