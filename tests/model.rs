@@ -11,6 +11,7 @@ use common::{load_tensors, max_abs_diff, to_f32_vec};
 use lcasr::config::{load_model_section, ModelConfig};
 use lcasr::model::{Encoder, ForwardOptions};
 use lcasr::train::clip::clip_grad_norm;
+use lcasr::train::loss::{backward_loss, ctc, logged_loss, Reduction};
 use lcasr::train::optimizer::{collect_params, DecayGroups, OptimizerConfig, OptimizerKind};
 
 fn tiny_config() -> ModelConfig {
@@ -172,9 +173,15 @@ fn training_step_matches_reference_through_the_madgrad_update() {
         })
         .collect();
     let blank = (model.classes() - 1) as u32;
-    let nll =
-        lcasr_kernels::ctc::ctc_loss(&out.logits, &targets, &out.lengths, blank, false).unwrap();
-    let loss_sum = nll.sum_all().unwrap();
+    let loss_sum = ctc(
+        &out.logits,
+        &targets,
+        &out.lengths,
+        blank,
+        Reduction::Sum,
+        false,
+    )
+    .unwrap();
     let want_sum = ts["loss_sum"].to_scalar::<f32>().unwrap();
     let got_sum = loss_sum.to_scalar::<f32>().unwrap();
     assert!(
@@ -191,7 +198,20 @@ fn training_step_matches_reference_through_the_madgrad_update() {
         .unwrap()
         .to_scalar::<f64>()
         .unwrap();
-    let loss = ((loss_sum / (chunk * batch)).unwrap() * 100.0).unwrap();
+    let loss = backward_loss(&loss_sum, chunk as usize, batch as usize, 1, false).unwrap();
+    let want_backward = ts["loss_backward"].to_scalar::<f32>().unwrap();
+    let got_backward = loss.to_scalar::<f32>().unwrap();
+    assert!(
+        ((got_backward - want_backward) / want_backward).abs() < 1e-5,
+        "loss_backward {got_backward} vs {want_backward}"
+    );
+    let frames: usize = lens.iter().sum();
+    let want_logged = ts["loss_logged"].to_scalar::<f32>().unwrap() as f64;
+    let got_logged = logged_loss(got_sum as f64, frames);
+    assert!(
+        ((got_logged - want_logged) / want_logged).abs() < 1e-5,
+        "loss_logged {got_logged} vs {want_logged}"
+    );
     let grads = loss.backward().unwrap();
 
     // Largest gradient entry over all tensors, for the absolute part of the tolerance.

@@ -4,6 +4,7 @@
 pub mod adam;
 pub mod clip;
 pub mod exact_f64;
+pub mod loss;
 pub mod lr_schedule;
 pub mod madgrad;
 pub mod mirror_madgrad;
