@@ -1,2 +1,7 @@
 //! Data pipeline: manifests, datasets, batching, chunking with word timings,
 //! SpecAugment and background prefetch.
+
+pub mod batching;
+pub mod chunking;
+pub mod manifest;
+pub mod spec_augment;

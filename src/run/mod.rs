@@ -1,2 +1,4 @@
 //! Run directories: manifests, metrics (JSONL and TensorBoard), progress and
 //! plots.
+
+pub mod tensorboard;
