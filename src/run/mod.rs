@@ -1,4 +1,5 @@
 //! Run directories: manifests, metrics (JSONL and TensorBoard), progress and
 //! plots.
 
+pub mod metrics;
 pub mod tensorboard;
