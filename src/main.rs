@@ -32,6 +32,9 @@ enum Command {
     /// Inspect configs.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Train or inspect tokenizers.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
     /// Print the Rhai scripting API reference as Markdown.
     ApiDocs,
     /// Re-run a finished run from its recorded script and config, checking hashes.
@@ -117,6 +120,26 @@ enum ConfigCommand {
     Check(ConfigArgs),
 }
 
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a SentencePiece-style BPE tokenizer ([PAD]=0, [UNK]=1, [BOS]=2,
+    /// NFKC + lowercasing) on transcripts, one per line.
+    Train(TokenizerTrainArgs),
+}
+
+#[derive(Args)]
+struct TokenizerTrainArgs {
+    /// Text files with one transcript per line.
+    #[arg(required = true)]
+    text: Vec<PathBuf>,
+    /// Number of pieces (the model gets one more class: the CTC blank).
+    #[arg(long, default_value_t = 4095)]
+    vocab_size: usize,
+    /// Where to write the tokenizer (JSON).
+    #[arg(long)]
+    out: PathBuf,
+}
+
 /// Exit status for bad input (configs, arguments), as clap uses for usage errors.
 const EXIT_BAD_INPUT: u8 = 2;
 
@@ -125,6 +148,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args),
+        Command::Tokenizer(TokenizerCommand::Train(args)) => tokenizer_train(&args),
         Command::Train(_) => not_yet("train", "the Rhai host and scripts/train.rhai"),
         Command::Run(_) => not_yet("run", "the Rhai host"),
         Command::Prepare(_) => not_yet("prepare", "the data pipeline"),
@@ -154,6 +178,19 @@ fn config_check(args: &ConfigArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => config_error(&e),
+    }
+}
+
+fn tokenizer_train(args: &TokenizerTrainArgs) -> ExitCode {
+    match lcasr::text::tokenizer::train_from_files(&args.text, args.vocab_size, &args.out) {
+        Ok(vocab) => {
+            println!("wrote {} ({vocab} pieces)", args.out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -11,7 +11,7 @@
 //! Ids are the CTC targets; the model has `vocab_size() + 1` output classes
 //! and the blank is [`Tokenizer::blank_id`] = `vocab_size()`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use tokenizers::models::bpe::{BpeTrainer, Vocab, BPE};
@@ -347,4 +347,28 @@ mod tests {
         assert_eq!(tk.decode(&ids), "the cat");
         assert_eq!(tk.decode(&[0, 2]), "");
     }
+}
+
+/// Trains a BPE tokenizer on text files (one transcript per line, empty lines
+/// skipped) and saves it as JSON at `out`; returns its vocabulary size.
+pub fn train_from_files(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<usize> {
+    let mut lines = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read transcripts from {}", file.display()))?;
+        lines.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string),
+        );
+    }
+    if lines.is_empty() {
+        bail!("no transcripts found in the given files");
+    }
+    let tokenizer = train_bpe(lines.into_iter(), vocab_size)?;
+    tokenizer
+        .save_json(out)
+        .with_context(|| format!("cannot write tokenizer to {}", out.display()))?;
+    Ok(tokenizer.vocab_size())
 }

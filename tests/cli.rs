@@ -1,0 +1,152 @@
+//! The `lcasr` binary as a user runs it: exit codes, and errors that are one
+//! clear paragraph without a panic or a Rust backtrace.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn lcasr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lcasr"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run lcasr")
+}
+
+fn reference() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/reference.yaml")
+        .display()
+        .to_string()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lcasr-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes the reference config with one edit and returns its path.
+fn edited_config(name: &str, old: &str, new: &str) -> String {
+    let text = std::fs::read_to_string(reference()).unwrap();
+    assert!(text.contains(old));
+    let path = temp_dir(name).join("config.yaml");
+    std::fs::write(&path, text.replacen(old, new, 1)).unwrap();
+    path.display().to_string()
+}
+
+fn assert_clean_error(out: &Output, code: i32, must_contain: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(stderr.contains(must_contain), "{stderr}");
+    for bad in ["panicked", "stack backtrace", "RUST_BACKTRACE", "src/"] {
+        assert!(!stderr.contains(bad), "{bad:?} in: {stderr}");
+    }
+    assert!(
+        !stderr.trim_end().contains("\n\n"),
+        "not one paragraph: {stderr}"
+    );
+}
+
+#[test]
+fn config_check_prints_the_resolved_config() {
+    let out = lcasr(&["config", "check", &reference()]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("valid. Resolved config (sha256 "));
+    assert!(stdout.contains("  rotary_base_freq: 10000.0"));
+    assert!(stdout.contains("    momentum: 0.9"));
+}
+
+#[test]
+fn misspelt_key_warns_and_strict_fails() {
+    let path = edited_config("typo", "  n_layers: 6", "  n_layres: 6");
+    let out = lcasr(&["config", "check", &path]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":3:3: model.n_layres: unknown key, ignored; did you mean model.n_layers?"),
+        "{stderr}"
+    );
+    let out = lcasr(&["config", "check", &path, "--strict"]);
+    assert_clean_error(&out, 2, "config.yaml:3:3: model.n_layres: unknown key");
+}
+
+#[test]
+fn wrong_type_missing_section_and_broken_yaml_exit_2() {
+    let path = edited_config("type", "  d_model: 768", "  d_model: wide");
+    assert_clean_error(
+        &lcasr(&["config", "check", &path]),
+        2,
+        "config.yaml:4:12: model.d_model: expected a whole number >= 0",
+    );
+    let path = edited_config("section", "training:", "trainingx:");
+    assert_clean_error(
+        &lcasr(&["config", "check", &path]),
+        2,
+        "training: section `training:` is required but missing",
+    );
+    let path = edited_config("yaml", "  n_heads: 6", "  n_heads: [6");
+    assert_clean_error(
+        &lcasr(&["config", "check", &path]),
+        2,
+        "config.yaml:6:11: not valid YAML",
+    );
+    assert_clean_error(
+        &lcasr(&["config", "check", "/nonexistent/x.yaml"]),
+        2,
+        "cannot read config file /nonexistent/x.yaml",
+    );
+}
+
+#[test]
+fn overrides_are_applied_and_checked() {
+    let out = lcasr(&["config", "check", &reference(), "model.n_layers=9"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout)
+        .unwrap()
+        .contains("  n_layers: 9\n"));
+    assert_clean_error(
+        &lcasr(&["config", "check", &reference(), "optimizer.name=adamm"]),
+        2,
+        "command-line override `optimizer.name=adamm`: optimizer.name: \"adamm\" is not one of",
+    );
+}
+
+#[test]
+fn unbuilt_commands_say_so() {
+    let out = lcasr(&["train", &reference()]);
+    assert_clean_error(&out, 1, "`lcasr train` is not yet implemented");
+}
+
+#[test]
+fn tokenizer_train_writes_a_usable_tokenizer() {
+    let text =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer_train_text.txt");
+    let out_path = temp_dir("tok").join("tokenizer.json");
+    let out = lcasr(&[
+        "tokenizer",
+        "train",
+        text.to_str().unwrap(),
+        "--vocab-size",
+        "64",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok = lcasr::text::tokenizer::Tokenizer::from_file(&out_path).unwrap();
+    assert_eq!(tok.vocab_size(), 64);
+    let line = std::fs::read_to_string(&text).unwrap();
+    let first = line.lines().find(|l| !l.trim().is_empty()).unwrap();
+    let ids = tok.encode(first).unwrap();
+    let normalised = first
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
+    assert_eq!(tok.decode(&ids), normalised);
+}
