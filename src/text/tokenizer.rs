@@ -329,26 +329,6 @@ pub fn train_bpe(texts: impl Iterator<Item = String>, vocab_size: usize) -> Resu
     Tokenizer::from_inner(inner)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trained_tokenizer_has_reference_specials() {
-        let text = ["the cat sat on the mat", "The Hat and the Bat!"]
-            .map(String::from)
-            .into_iter();
-        let tk = train_bpe(text, 40).unwrap();
-        assert_eq!(tk.id_to_piece(0), Some(PAD_PIECE));
-        assert_eq!(tk.id_to_piece(1), Some(UNK_PIECE));
-        assert_eq!(tk.id_to_piece(2), Some(BOS_PIECE));
-        assert_eq!(tk.blank_id() as usize, tk.vocab_size());
-        let ids = tk.encode("The  cat").unwrap();
-        assert_eq!(tk.decode(&ids), "the cat");
-        assert_eq!(tk.decode(&[0, 2]), "");
-    }
-}
-
 /// Trains a BPE tokenizer on text files (one transcript per line, empty lines
 /// skipped) and saves it as JSON at `out`; returns its vocabulary size.
 pub fn train_from_files(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<usize> {
@@ -371,4 +351,24 @@ pub fn train_from_files(files: &[PathBuf], vocab_size: usize, out: &Path) -> Res
         .save_json(out)
         .with_context(|| format!("cannot write tokenizer to {}", out.display()))?;
     Ok(tokenizer.vocab_size())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trained_tokenizer_has_reference_specials() {
+        let text = ["the cat sat on the mat", "The Hat and the Bat!"]
+            .map(String::from)
+            .into_iter();
+        let tk = train_bpe(text, 40).unwrap();
+        assert_eq!(tk.id_to_piece(0), Some(PAD_PIECE));
+        assert_eq!(tk.id_to_piece(1), Some(UNK_PIECE));
+        assert_eq!(tk.id_to_piece(2), Some(BOS_PIECE));
+        assert_eq!(tk.blank_id() as usize, tk.vocab_size());
+        let ids = tk.encode("The  cat").unwrap();
+        assert_eq!(tk.decode(&ids), "the cat");
+        assert_eq!(tk.decode(&[0, 2]), "");
+    }
 }
