@@ -2,15 +2,21 @@
 //!
 //! The rule follows the reference trainer with its bugs fixed (spec §5.2,
 //! §10.14): recordings are sorted by duration with a *stable* sort (ties by
-//! id), cut into groups of [`SORT_GROUP`], shuffled within each group, cut into
-//! batches, and the order of the full batches is shuffled; the final short
-//! batch always comes last, so no batch boundary is ever shifted.
+//! id), cut into groups of about [`SORT_GROUP`], shuffled within each group,
+//! cut into batches, and the order of the full batches is shuffled; the final
+//! short batch always comes last, so no batch boundary is ever shifted.
+//!
+//! Unlike the reference, the group size is rounded down to a multiple of the
+//! batch size (at least one batch), so no batch straddles two groups: every
+//! batch draws from one stretch of at most `max(SORT_GROUP, batch_size)`
+//! neighbouring durations.
 
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-/// Size of the duration-sorted groups shuffled internally.
+/// Nominal size of the duration-sorted groups shuffled internally (rounded
+/// down to a multiple of the batch size).
 pub const SORT_GROUP: usize = 2000;
 
 /// Batches of indices into `recs` (each `(id, duration in seconds)`) for one
@@ -26,8 +32,9 @@ pub fn epoch_batches(recs: &[(String, f64)], seed: u64, batch_size: usize) -> Ve
             .total_cmp(&recs[b].1)
             .then_with(|| recs[a].0.cmp(&recs[b].0))
     });
+    let group = (SORT_GROUP / batch_size).max(1) * batch_size;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    for group in order.chunks_mut(SORT_GROUP) {
+    for group in order.chunks_mut(group) {
         shuffle(group, &mut rng);
     }
     let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();

@@ -100,10 +100,11 @@ impl Manifest {
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
         fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| {
+        if let Err(e) = fs::rename(&tmp, path) {
             let _ = fs::remove_file(&tmp);
-            format!("cannot rename {} to {}", tmp.display(), path.display())
-        })?;
+            return Err(e)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()));
+        }
         Ok(())
     }
 }

@@ -1,0 +1,114 @@
+//! One training step (forward, CTC, backward) and long-input inference of the
+//! 6-layer d_model 256, 8 x 32-head encoder with 4096 classes, timed; the
+//! PyTorch side is `benches/model_torch.py` (run both via `benches/model_vs_torch.sh`).
+//!
+//! Shapes from the environment: `LCASR_BENCH_B` (batch, default 2),
+//! `LCASR_BENCH_T` (input frames, default 2048), `LCASR_BENCH_RUNS` (default 3),
+//! `LCASR_BENCH_INFER_T` (frames for the inference run, default 0 = skip).
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use lcasr::config::ModelConfig;
+use lcasr::model::{Encoder, ForwardOptions};
+use lcasr::train::loss::{ctc, Reduction};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+fn features(b: usize, t: usize) -> Tensor {
+    let v: Vec<f32> = (0..b * 80 * t)
+        .map(|i| (((i as u64).wrapping_mul(2654435761) % 2001) as f32 / 1000.0) - 1.0)
+        .collect();
+    Tensor::from_vec(v, (b, 80, t), &Device::Cpu).unwrap()
+}
+
+fn main() {
+    let (b, t, runs) = (
+        env("LCASR_BENCH_B", 2),
+        env("LCASR_BENCH_T", 2048),
+        env("LCASR_BENCH_RUNS", 3),
+    );
+    let cfg = ModelConfig {
+        n_layers: 6,
+        d_model: 256,
+        n_heads: 8,
+        head_dim: 32,
+        use_rotary: true,
+        decoder_norm: true,
+        rotary_base_freq: 1.5e6,
+        ..ModelConfig::default()
+    };
+    let model = Encoder::init(&cfg, 4095, 0, &Device::Cpu).unwrap();
+    let x = features(b, t);
+    let n = t.div_ceil(8);
+    let targets: Vec<Vec<u32>> = (0..b)
+        .map(|i| {
+            (0..n / 4)
+                .map(|j| ((i * 977 + j * 131) % 4094) as u32)
+                .collect()
+        })
+        .collect();
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let out = model
+            .forward(
+                &x,
+                None,
+                &ForwardOptions {
+                    train: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let loss = ctc(
+            &out.logits,
+            &targets,
+            &out.lengths,
+            4095,
+            Reduction::Sum,
+            false,
+        )
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        drop(grads);
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "lcasr: train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
+        times[0],
+        times[times.len() / 2],
+        peak_rss_mib()
+    );
+    let infer_t = env("LCASR_BENCH_INFER_T", 0);
+    if infer_t > 0 {
+        let x = features(1, infer_t);
+        let start = Instant::now();
+        let out = model.forward(&x, None, &ForwardOptions::default()).unwrap();
+        println!(
+            "lcasr: inference T {infer_t} ({} encoder frames): {:.1} s, peak RSS {:.0} MiB",
+            out.lengths[0],
+            start.elapsed().as_secs_f64(),
+            peak_rss_mib()
+        );
+    }
+}
