@@ -423,6 +423,21 @@ fn finiteness_check_and_accumulation() {
         .unwrap();
     assert_eq!(a, [6.0, 8.0]);
     assert!((grad_total_norm(&params, &sum).unwrap() - 26.0).abs() < 1e-9);
+
+    // A non-finite chunk is skipped; what was accumulated before survives.
+    let mut acc = GradAccumulator::new();
+    assert!(acc.add_if_finite(&params, &grads).unwrap());
+    assert!(!acc.add_if_finite(&params, &bad).unwrap());
+    assert_eq!(acc.count(), 1);
+    let kept = acc.take();
+    assert!(grads_are_finite(&params, &kept).unwrap());
+    assert_eq!(
+        kept.get(params[0].var.as_tensor())
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        [3.0, 4.0]
+    );
 }
 
 /// A parameter group with its own learning rate (`lr_scale`) is updated

@@ -86,6 +86,18 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Adds one backward pass's gradients only if they are all finite, and
+    /// reports whether it did: a chunk with a NaN or infinite gradient is
+    /// skipped without touching what earlier chunks accumulated (the
+    /// reference's NaN handling threw those away).
+    pub fn add_if_finite(&mut self, params: &[Param], grads: &GradStore) -> Result<bool> {
+        if !grads_are_finite(params, grads)? {
+            return Ok(false);
+        }
+        self.add(params, grads)?;
+        Ok(true)
+    }
+
     /// Number of backward passes added since the last [`GradAccumulator::take`].
     pub fn count(&self) -> usize {
         self.count
