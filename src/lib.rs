@@ -7,6 +7,7 @@ pub mod audio;
 pub mod config;
 pub mod data;
 pub mod decode;
+pub mod fsutil;
 pub mod model;
 pub mod run;
 pub mod script;

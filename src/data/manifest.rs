@@ -93,18 +93,8 @@ impl Manifest {
             version: MANIFEST_VERSION,
             recordings: &self.recordings,
         })?;
-        let name = path
-            .file_name()
-            .ok_or_else(|| anyhow!("manifest path {} has no file name", path.display()))?;
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        fs::write(&tmp, json).with_context(|| format!("cannot write {}", tmp.display()))?;
-        if let Err(e) = fs::rename(&tmp, path) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e)
-                .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()));
-        }
+        crate::fsutil::write_atomic(path, json.as_bytes())
+            .with_context(|| format!("cannot save manifest {}", path.display()))?;
         Ok(())
     }
 }

@@ -79,13 +79,7 @@ pub fn truncate_metrics(path: &Path, keep: impl Fn(&Value) -> bool) -> anyhow::R
         serde_json::to_writer(&mut text, r)?;
         text.push(b'\n');
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)
+    crate::fsutil::write_atomic(path, &text)
         .with_context(|| format!("cannot replace metrics file {}", path.display()))?;
     Ok(kept.len())
 }

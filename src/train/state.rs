@@ -10,8 +10,7 @@
 //! anything.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,6 +23,7 @@ use super::lr_schedule::LrScheduleState;
 use super::optimizer::Optimizer;
 use super::rng::RunRngState;
 use super::sequence_schedule::SequenceScheduleState;
+use crate::fsutil::{sync_dir, write_synced};
 use crate::model::{Encoder, RenormState};
 
 /// File holding the model's state dict.
@@ -240,21 +240,6 @@ fn replace_dir(tmp: &Path, dir: &Path, parent: &Path, name: &str) -> Result<()> 
         fs::rename(tmp, dir).with_context(|| format!("cannot rename {}", tmp.display()))?;
     }
     sync_dir(parent)
-}
-
-/// Writes `bytes` to `path` and flushes them to disk.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))
-}
-
-/// Flushes a directory's entries to disk.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync directory {}", dir.display()))
 }
 
 /// Lowercase hex sha256 of `bytes`.
