@@ -80,12 +80,18 @@ struct RunArgs {
 
 #[derive(Args)]
 struct PrepareArgs {
-    /// A folder of audio files with same-named .txt transcripts, reference-style
-    /// JSON transcripts, or a CSV/TSV/JSONL listing.
+    /// A folder of audio files with same-named .txt or .json transcripts, or a
+    /// CSV/TSV/JSONL listing (columns audio, text).
     input: PathBuf,
     /// Where to write the feature cache and the manifest.
     #[arg(long)]
     out: PathBuf,
+    /// Log-mel features instead of the reference's power-mel (new models only).
+    #[arg(long)]
+    log_mel: bool,
+    /// Average all channels instead of taking channel 0 (the reference).
+    #[arg(long)]
+    mix_channels: bool,
 }
 
 #[derive(Args)]
@@ -151,7 +157,7 @@ fn main() -> ExitCode {
         Command::Tokenizer(TokenizerCommand::Train(args)) => tokenizer_train(&args),
         Command::Train(_) => not_yet("train", "the Rhai host and scripts/train.rhai"),
         Command::Run(_) => not_yet("run", "the Rhai host"),
-        Command::Prepare(_) => not_yet("prepare", "the data pipeline"),
+        Command::Prepare(args) => prepare(&args),
         Command::Eval(_) => not_yet("eval", "decoding and long-form evaluation"),
         Command::Transcribe(_) => not_yet("transcribe", "decoding and long-form evaluation"),
         Command::ApiDocs => not_yet("api-docs", "the Rhai host"),
@@ -178,6 +184,60 @@ fn config_check(args: &ConfigArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => config_error(&e),
+    }
+}
+
+fn prepare(args: &PrepareArgs) -> ExitCode {
+    use lcasr::audio::decode::ChannelMode;
+    use lcasr::audio::features::FeatureRecipe;
+    use lcasr::data::prepare::{discover, prepare, PrepareOptions};
+
+    let (sources, mut problems) = match discover(&args.input) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let mut opts = PrepareOptions::default();
+    if args.log_mel {
+        opts.recipe = FeatureRecipe::LogMel;
+    }
+    if args.mix_channels {
+        opts.load.channel = ChannelMode::Mix;
+    }
+    let bar = indicatif::ProgressBar::new(sources.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} recordings, {eta} left")
+            .expect("valid template"),
+    );
+    let result = prepare(&sources, &args.out, &opts, &|done, _| {
+        bar.set_position(done as u64)
+    });
+    bar.finish_and_clear();
+    match result {
+        Ok((manifest, report)) => {
+            problems.extend(report.problems);
+            println!(
+                "prepared {} recordings ({} computed, {} unchanged) into {}",
+                manifest.recordings.len(),
+                report.computed,
+                report.reused,
+                args.out.join("manifest.json").display()
+            );
+            for p in &problems {
+                eprintln!("skipped {}: {}", p.path.display(), p.message);
+            }
+            if problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{} file(s) skipped", problems.len());
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -4,4 +4,5 @@
 pub mod batching;
 pub mod chunking;
 pub mod manifest;
+pub mod prepare;
 pub mod spec_augment;
