@@ -3,6 +3,7 @@
 
 pub mod batching;
 pub mod chunking;
+pub mod dataset;
 pub mod manifest;
 pub mod prepare;
 pub mod spec_augment;

@@ -1,0 +1,210 @@
+//! The training dataset: a prepared manifest whose feature files are read
+//! chunk by chunk (memory-mapped), so only the chunk being trained on is
+//! materialised, with background prefetch on its own thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use half::f16;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use super::chunking::{chunk_batch, Chunk};
+use super::manifest::Manifest;
+use crate::audio::features::N_MELS;
+use crate::text::tokenizer::Tokenizer;
+
+/// One training chunk, ready for the model and the loss.
+pub struct TrainChunk {
+    /// (B', 80, width) features; frames past an item's valid length are 0.
+    pub features: Tensor,
+    /// Valid frames per item.
+    pub lengths: Vec<usize>,
+    /// Target token ids per item.
+    pub targets: Vec<Vec<u32>>,
+    /// Manifest index of each item's recording.
+    pub recordings: Vec<usize>,
+    /// First frame of the chunk within its recordings.
+    pub start: usize,
+}
+
+/// A prepared corpus (see `lcasr prepare`) with its tokenizer.
+pub struct Dataset {
+    manifest: Manifest,
+    root: PathBuf,
+    frames: Vec<usize>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl Dataset {
+    /// Opens the manifest at `path`; feature paths are relative to its folder.
+    /// Every feature file's header is checked now, so a missing or malformed
+    /// file fails before training starts, naming the file.
+    pub fn open(path: &Path, tokenizer: Arc<Tokenizer>) -> Result<Self> {
+        let manifest = Manifest::load(path)?;
+        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let frames = manifest
+            .recordings
+            .iter()
+            .map(|r| {
+                let file = root.join(&r.features);
+                let map = map_file(&file)?;
+                let (rows, t, _) = features_view(&map, &file)?;
+                if rows != N_MELS {
+                    bail!(
+                        "{}: features have {rows} rows, expected {N_MELS}",
+                        file.display()
+                    );
+                }
+                Ok(t)
+            })
+            .collect::<Result<Vec<usize>>>()?;
+        Ok(Dataset {
+            manifest,
+            root,
+            frames,
+            tokenizer,
+        })
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Frames of each recording, in manifest order.
+    pub fn frames(&self) -> &[usize] {
+        &self.frames
+    }
+
+    /// The chunks of a batch (manifest indices) at `chunk_size` frames.
+    pub fn plan(&self, batch: &[usize], chunk_size: usize) -> Result<Vec<Chunk>> {
+        let lengths: Vec<usize> = batch.iter().map(|&i| self.frames[i]).collect();
+        let words: Vec<_> = batch
+            .iter()
+            .map(|&i| self.manifest.recordings[i].words.clone())
+            .collect();
+        chunk_batch(&lengths, &words, chunk_size)
+    }
+
+    /// Reads one planned chunk of `batch` from the feature files.
+    pub fn load(&self, batch: &[usize], chunk: &Chunk) -> Result<TrainChunk> {
+        let b = chunk.items.len();
+        let w = chunk.width;
+        let mut data = vec![0f32; b * N_MELS * w];
+        let mut lengths = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b);
+        let mut recordings = Vec::with_capacity(b);
+        for (slot, item) in chunk.items.iter().enumerate() {
+            let index = batch[item.recording];
+            let rec = &self.manifest.recordings[index];
+            let file = self.root.join(&rec.features);
+            let map = map_file(&file)?;
+            let (_, t, values) = features_view(&map, &file)?;
+            let out = &mut data[slot * N_MELS * w..(slot + 1) * N_MELS * w];
+            let valid = item.valid.min(t.saturating_sub(chunk.start));
+            for bin in 0..N_MELS {
+                let src = bin * t + chunk.start;
+                for (dst, v) in out[bin * w..bin * w + valid]
+                    .iter_mut()
+                    .zip(src..src + valid)
+                {
+                    *dst = values.get(v);
+                }
+            }
+            let text = if item.whole_transcript {
+                rec.text.clone().unwrap_or_default()
+            } else {
+                item.words.join(" ")
+            };
+            targets.push(
+                self.tokenizer
+                    .encode(&text)
+                    .with_context(|| format!("cannot tokenise the transcript of `{}`", rec.id))?,
+            );
+            lengths.push(item.valid);
+            recordings.push(index);
+        }
+        Ok(TrainChunk {
+            features: Tensor::from_vec(data, (b, N_MELS, w), &Device::Cpu)?,
+            lengths,
+            targets,
+            recordings,
+            start: chunk.start,
+        })
+    }
+
+    /// Loads the chunks of `batch` on a background thread, up to `depth`
+    /// ahead of the consumer, in order.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        batch: Vec<usize>,
+        chunks: Vec<Chunk>,
+        depth: usize,
+    ) -> Receiver<Result<TrainChunk>> {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            for chunk in &chunks {
+                if tx.send(me.load(&batch, chunk)).is_err() {
+                    break; // the consumer stopped
+                }
+            }
+        });
+        rx
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open features {}", path.display()))?;
+    // SAFETY: the feature cache is written once by `prepare` (atomically, by
+    // rename) and only read afterwards; a concurrent writer would replace the
+    // file rather than modify the mapped one.
+    unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))
+}
+
+/// Element access over the stored features, whatever their float type.
+enum Values<'a> {
+    F16(&'a [u8]),
+    F32(&'a [u8]),
+}
+
+impl Values<'_> {
+    fn get(&self, i: usize) -> f32 {
+        match self {
+            Values::F16(b) => f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+            Values::F32(b) => {
+                f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            }
+        }
+    }
+}
+
+/// (rows, frames, values) of the `features` tensor of a mapped file.
+fn features_view<'a>(map: &'a Mmap, path: &Path) -> Result<(usize, usize, Values<'a>)> {
+    let st = SafeTensors::deserialize(map)
+        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+    let view = st
+        .tensor("features")
+        .map_err(|_| anyhow!("{}: no `features` tensor", path.display()))?;
+    let shape = view.shape().to_vec();
+    let [rows, frames] = shape[..] else {
+        bail!(
+            "{}: features must be 2-D (80, T), found {shape:?}",
+            path.display()
+        );
+    };
+    let values = match view.dtype() {
+        Dtype::F16 => Values::F16(view.data()),
+        Dtype::F32 => Values::F32(view.data()),
+        other => bail!(
+            "{}: features must be f16 or f32, found {other:?}",
+            path.display()
+        ),
+    };
+    Ok((rows, frames, values))
+}
