@@ -129,13 +129,14 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum TokenizerCommand {
     /// Train a SentencePiece-style BPE tokenizer ([PAD]=0, [UNK]=1, [BOS]=2,
-    /// NFKC + lowercasing) on transcripts, one per line.
+    /// NFKC + lowercasing) on transcripts from text files or manifests.
     Train(TokenizerTrainArgs),
 }
 
 #[derive(Args)]
 struct TokenizerTrainArgs {
-    /// Text files with one transcript per line.
+    /// Text files with one transcript per line, or manifests (.json: an
+    /// `lcasr prepare` manifest or a reference audio_txt_pairs.json).
     #[arg(required = true)]
     text: Vec<PathBuf>,
     /// Number of pieces (the model gets one more class: the CTC blank).
@@ -242,7 +243,10 @@ fn prepare(args: &PrepareArgs) -> ExitCode {
 }
 
 fn tokenizer_train(args: &TokenizerTrainArgs) -> ExitCode {
-    match lcasr::text::tokenizer::train_from_files(&args.text, args.vocab_size, &args.out) {
+    let trained = lcasr::data::transcripts::collect(&args.text).and_then(|lines| {
+        lcasr::text::tokenizer::train_and_save(lines, args.vocab_size, &args.out)
+    });
+    match trained {
         Ok(vocab) => {
             println!("wrote {} ({vocab} pieces)", args.out.display());
             ExitCode::SUCCESS

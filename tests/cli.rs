@@ -150,3 +150,45 @@ fn tokenizer_train_writes_a_usable_tokenizer() {
         .to_lowercase();
     assert_eq!(tok.decode(&ids), normalised);
 }
+
+#[test]
+fn tokenizer_train_reads_manifests() {
+    let dir = temp_dir("tok-manifest");
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        r#"{"version": 1, "recordings": [
+            {"id": "a", "features": "a.safetensors", "duration": 1.0, "text": "the cat sat"},
+            {"id": "b", "features": "b.safetensors", "duration": 1.0,
+             "words": [{"word": "on", "start": 0.1, "end": 0.2}, {"word": "the", "start": 0.3, "end": 0.4}, {"word": "mat", "start": 0.5, "end": 0.6}]}
+        ]}"#,
+    )
+    .unwrap();
+    let out_path = dir.join("tokenizer.json");
+    let out = lcasr(&[
+        "tokenizer",
+        "train",
+        manifest.to_str().unwrap(),
+        "--vocab-size",
+        "40",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tok = lcasr::text::tokenizer::Tokenizer::from_file(&out_path).unwrap();
+    for text in ["the cat sat", "on the mat"] {
+        assert_eq!(tok.decode(&tok.encode(text).unwrap()), text);
+    }
+    let out = lcasr(&[
+        "tokenizer",
+        "train",
+        dir.join("nope.json").to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_clean_error(&out, 1, "nope.json");
+}

@@ -7,3 +7,4 @@ pub mod dataset;
 pub mod manifest;
 pub mod prepare;
 pub mod spec_augment;
+pub mod transcripts;

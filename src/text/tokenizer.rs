@@ -11,7 +11,7 @@
 //! Ids are the CTC targets; the model has `vocab_size() + 1` output classes
 //! and the blank is [`Tokenizer::blank_id`] = `vocab_size()`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use tokenizers::models::bpe::{BpeTrainer, Vocab, BPE};
@@ -329,24 +329,13 @@ pub fn train_bpe(texts: impl Iterator<Item = String>, vocab_size: usize) -> Resu
     Tokenizer::from_inner(inner)
 }
 
-/// Trains a BPE tokenizer on text files (one transcript per line, empty lines
-/// skipped) and saves it as JSON at `out`; returns its vocabulary size.
-pub fn train_from_files(files: &[PathBuf], vocab_size: usize, out: &Path) -> Result<usize> {
-    let mut lines = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read transcripts from {}", file.display()))?;
-        lines.extend(
-            text.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string),
-        );
+/// Trains a BPE tokenizer on `transcripts` and saves it as JSON at `out`;
+/// returns its vocabulary size.
+pub fn train_and_save(transcripts: Vec<String>, vocab_size: usize, out: &Path) -> Result<usize> {
+    if transcripts.is_empty() {
+        bail!("no transcripts to train on");
     }
-    if lines.is_empty() {
-        bail!("no transcripts found in the given files");
-    }
-    let tokenizer = train_bpe(lines.into_iter(), vocab_size)?;
+    let tokenizer = train_bpe(transcripts.into_iter(), vocab_size)?;
     tokenizer
         .save_json(out)
         .with_context(|| format!("cannot write tokenizer to {}", out.display()))?;
