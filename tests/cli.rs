@@ -192,3 +192,23 @@ fn tokenizer_train_reads_manifests() {
     ]);
     assert_clean_error(&out, 1, "nope.json");
 }
+
+#[test]
+fn bundled_configs_are_valid_without_warnings() {
+    for name in ["reference.yaml", "demo.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("configs")
+            .join(name);
+        let out = lcasr(&["config", "check", path.to_str().unwrap(), "--strict"]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
