@@ -13,6 +13,7 @@ use lcasr::data::prepare::{discover, prepare};
 use lcasr::text::tokenizer::train_bpe;
 
 fn main() {
+    lcasr::runtime::tune_allocator();
     // One hour of 16 kHz audio: two tones and a chirp.
     let n = 3600 * 16_000;
     let samples: Vec<f32> = (0..n)

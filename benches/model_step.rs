@@ -41,6 +41,7 @@ fn features(b: usize, t: usize) -> Tensor {
 }
 
 fn main() {
+    lcasr::runtime::tune_allocator();
     let (b, t, runs) = (
         env("LCASR_BENCH_B", 2),
         env("LCASR_BENCH_T", 2048),

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod fsutil;
 pub mod model;
 pub mod run;
+pub mod runtime;
 pub mod script;
 pub mod text;
 pub mod train;

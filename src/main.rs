@@ -152,6 +152,7 @@ const EXIT_BAD_INPUT: u8 = 2;
 
 fn main() -> ExitCode {
     install_panic_hook();
+    lcasr::runtime::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args),
