@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod decode;
 pub mod fsutil;
+pub mod hash;
 pub mod model;
 pub mod run;
 pub mod runtime;

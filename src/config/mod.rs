@@ -16,7 +16,6 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 pub use de::UnknownKey;
 pub use schema::*;
@@ -304,8 +303,7 @@ impl Config {
     /// order): configs that mean the same hash the same.
     pub fn canonical_hash(&self) -> String {
         let json = serde_json::to_vec(self).expect("a config always serialises");
-        let digest = Sha256::digest(&json);
-        digest.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hash::sha256_hex(&json)
     }
 
     /// Total number of output classes of the CTC head for a tokenizer with

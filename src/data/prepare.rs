@@ -16,7 +16,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use super::manifest::{parse_google_transcript, Manifest, Recording, Word};
 use crate::audio::decode::{load_16k, LoadOptions};
@@ -320,7 +319,7 @@ fn prepare_one(s: &Source, feature_dir: &Path, opts: &PrepareOptions) -> Result<
     }
     let bytes =
         std::fs::read(&s.audio).with_context(|| format!("cannot read {}", s.audio.display()))?;
-    let hash = hex(&Sha256::digest(&bytes));
+    let hash = crate::hash::sha256_hex(&bytes);
     let recipe = format!("{:?}", opts.recipe);
     let file = feature_dir.join(format!("{}.safetensors", s.id));
     let relative = PathBuf::from("features").join(format!("{}.safetensors", s.id));
@@ -369,8 +368,4 @@ pub fn load_features(path: &Path) -> Result<Tensor> {
         .ok_or_else(|| anyhow!("{}: no `features` tensor", path.display()))?
         .to_dtype(DType::F32)
         .map_err(Into::into)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

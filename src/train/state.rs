@@ -17,13 +17,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use super::lr_schedule::LrScheduleState;
 use super::optimizer::Optimizer;
 use super::rng::RunRngState;
 use super::sequence_schedule::SequenceScheduleState;
 use crate::fsutil::{sync_dir, write_synced};
+use crate::hash::sha256_hex;
 use crate::model::{Encoder, RenormState};
 
 /// File holding the model's state dict.
@@ -213,8 +213,8 @@ fn write_files(
         training: state.clone(),
         optimizer_scalars: opt.state_scalars(),
         sha256: BTreeMap::from([
-            (MODEL_FILE.to_string(), hex_sha256(&model_bytes)),
-            (OPTIMIZER_FILE.to_string(), hex_sha256(&opt_bytes)),
+            (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
+            (OPTIMIZER_FILE.to_string(), sha256_hex(&opt_bytes)),
         ]),
         model_fingerprint: fingerprint(model)?,
     };
@@ -240,14 +240,6 @@ fn replace_dir(tmp: &Path, dir: &Path, parent: &Path, name: &str) -> Result<()> 
         fs::rename(tmp, dir).with_context(|| format!("cannot rename {}", tmp.display()))?;
     }
     sync_dir(parent)
-}
-
-/// Lowercase hex sha256 of `bytes`.
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Name, shape and dtype of every tensor of the model's state dict, by name.
@@ -316,7 +308,7 @@ fn read_verified(
     let want = hashes
         .get(file)
         .ok_or_else(|| anyhow!("{STATE_FILE} records no sha256 for {file}"))?;
-    let got = hex_sha256(&bytes);
+    let got = sha256_hex(&bytes);
     if &got != want {
         bail!(
             "{} is corrupted or truncated: sha256 {got} ({} bytes), expected {want}",
