@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lcasr::config::{self, ConfigError, LoadOptions};
+use lcasr::experiment::{self, Experiment, ExperimentError, Outcome};
+use lcasr::run::run_dir::StartMode;
 
 /// Train and run long-context Conformer-CTC speech recognisers.
 ///
@@ -56,12 +58,24 @@ struct ConfigArgs {
 struct TrainArgs {
     #[command(flatten)]
     config: ConfigArgs,
+    #[command(flatten)]
+    run: RunDirArgs,
+    /// The training script (the reference procedure by default).
+    #[arg(long, default_value = "scripts/train.rhai")]
+    script: PathBuf,
+}
+
+#[derive(Args)]
+struct RunDirArgs {
     /// Resume the run in this run directory exactly where it stopped.
-    #[arg(long, value_name = "RUN_DIR")]
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["force", "run_dir"])]
     resume: Option<PathBuf>,
     /// Start a new run even if the run directory exists (its contents are replaced).
     #[arg(long)]
     force: bool,
+    /// The run directory (default: the config's `checkpointing.dir`).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -76,6 +90,8 @@ struct RunArgs {
     /// Treat unknown config keys as errors instead of warnings.
     #[arg(long)]
     strict: bool,
+    #[command(flatten)]
+    run: RunDirArgs,
 }
 
 #[derive(Args)]
@@ -157,12 +173,27 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Config(ConfigCommand::Check(args)) => config_check(&args),
         Command::Tokenizer(TokenizerCommand::Train(args)) => tokenizer_train(&args),
-        Command::Train(_) => not_yet("train", "the Rhai host and scripts/train.rhai"),
-        Command::Run(_) => not_yet("run", "the Rhai host"),
+        Command::Train(args) => experiment(
+            args.script.clone(),
+            &args.config.config,
+            &args.config.overrides,
+            args.config.strict,
+            &args.run,
+        ),
+        Command::Run(args) => experiment(
+            args.script.clone(),
+            &args.config,
+            &args.overrides,
+            args.strict,
+            &args.run,
+        ),
         Command::Prepare(args) => prepare(&args),
         Command::Eval(_) => not_yet("eval", "decoding and long-form evaluation"),
         Command::Transcribe(_) => not_yet("transcribe", "decoding and long-form evaluation"),
-        Command::ApiDocs => not_yet("api-docs", "the Rhai host"),
+        Command::ApiDocs => {
+            print!("{}", lcasr::script::docs::api_markdown());
+            ExitCode::SUCCESS
+        }
         Command::Reproduce(_) => not_yet("reproduce", "run directories"),
     }
 }
@@ -257,6 +288,74 @@ fn tokenizer_train(args: &TokenizerTrainArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+const EXIT_INTERRUPTED: u8 = 130;
+
+fn experiment(
+    script: PathBuf,
+    config: &std::path::Path,
+    overrides: &[String],
+    strict: bool,
+    run: &RunDirArgs,
+) -> ExitCode {
+    let mode = if run.resume.is_some() {
+        StartMode::Resume
+    } else if run.force {
+        StartMode::Force
+    } else {
+        StartMode::New
+    };
+    let exp = Experiment {
+        script,
+        config: config.to_path_buf(),
+        overrides: overrides.to_vec(),
+        strict,
+        run_dir: run.resume.clone().or_else(|| run.run_dir.clone()),
+        mode,
+        command_line: std::env::args().collect(),
+        import_roots: vec![PathBuf::from("scripts")],
+    };
+    match experiment::run(&exp) {
+        Ok(Outcome::Finished { run_dir }) => {
+            eprintln!("Run directory: {}", run_dir.display());
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::Interrupted { run_dir }) => {
+            let cmd: Vec<String> = std::env::args().collect();
+            eprintln!(
+                "Stopped by Ctrl-C. Resume with:\n  {} --resume {}",
+                resume_command(&cmd),
+                run_dir.display()
+            );
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+        Err(ExperimentError::Config(e)) => config_error(&e),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The command line without run-directory options, for the resume hint.
+fn resume_command(args: &[String]) -> String {
+    let mut out = Vec::new();
+    let mut skip = false;
+    for a in args {
+        if skip {
+            skip = false;
+            continue;
+        }
+        match a.as_str() {
+            "--resume" | "--run-dir" => skip = true,
+            "--force" => {}
+            _ if a.starts_with("--resume=") || a.starts_with("--run-dir=") => {}
+            _ => out.push(a.clone()),
+        }
+    }
+    out.join(" ")
 }
 
 fn config_error(e: &ConfigError) -> ExitCode {

@@ -114,9 +114,13 @@ fn overrides_are_applied_and_checked() {
 }
 
 #[test]
-fn unbuilt_commands_say_so() {
-    let out = lcasr(&["train", &reference()]);
-    assert_clean_error(&out, 1, "`lcasr train` is not yet implemented");
+fn train_script_errors_name_the_script_line() {
+    // The reference config names no tokenizer: train.rhai stops with its message.
+    let run = temp_dir("train-error").join("run");
+    let out = lcasr(&["train", &reference(), "--run-dir", run.to_str().unwrap()]);
+    assert_clean_error(&out, 1, "data.tokenizer is not set");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--> scripts/train.rhai:"), "{stderr}");
 }
 
 #[test]

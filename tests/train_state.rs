@@ -135,11 +135,12 @@ impl Run {
             sequence_schedule: None,
             rng: self.rng.state(),
             optimizer: self.opt.name().to_string(),
+            script_state: serde_json::json!({ "recordings": self.recordings }),
         }
     }
 
     fn save(&self, dir: &Path) {
-        save_checkpoint(dir, &self.model, self.opt.as_ref(), &self.state()).unwrap();
+        save_checkpoint(dir, &self.model, self.opt.as_ref(), &self.state(), &[]).unwrap();
     }
 
     /// Loads `dir` into this run's model and optimizer and adopts its counters.
@@ -149,6 +150,10 @@ impl Run {
         self.rng = RunRng::from_state(&state.rng).unwrap();
         self.recordings = state.counters.recordings_seen;
         assert_eq!(state.counters.optimizer_steps, self.opt.steps());
+        assert_eq!(
+            state.script_state,
+            serde_json::json!({ "recordings": self.recordings })
+        );
     }
 
     /// Every parameter and buffer as raw bits, by name.

@@ -8,7 +8,7 @@
 
 mod de;
 mod schema;
-mod suggest;
+pub mod suggest;
 mod tree;
 mod validate;
 

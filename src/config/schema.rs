@@ -448,6 +448,9 @@ pub struct CheckpointingConfig {
     pub dir: String,
     /// Save when more than this many recordings were processed since the last save.
     pub save_every_n_steps: u64,
+    /// Keep only this many newest checkpoints (0: keep all, as the reference);
+    /// an lcasr extension.
+    pub keep_last: u64,
 }
 
 impl Default for CheckpointingConfig {
@@ -455,6 +458,7 @@ impl Default for CheckpointingConfig {
         CheckpointingConfig {
             dir: "checkpoints".into(),
             save_every_n_steps: 2000,
+            keep_last: 0,
         }
     }
 }
@@ -467,6 +471,10 @@ pub struct DataConfig {
     /// SentencePiece tokenizer model; absent means the reference's tokenizer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
+    /// A prepared held-out manifest scored (greedy WER) by scripts/train.rhai
+    /// at the end of training; an lcasr extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_path: Option<String>,
 }
 
 /// The `spec_augment:` section (reference-spec §1.9, §7).

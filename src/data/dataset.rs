@@ -2,7 +2,7 @@
 //! chunk by chunk (memory-mapped), so only the chunk being trained on is
 //! materialised, with background prefetch on its own thread.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
@@ -34,25 +34,24 @@ pub struct TrainChunk {
 /// A prepared corpus (see `lcasr prepare`) with its tokenizer.
 pub struct Dataset {
     manifest: Manifest,
-    root: PathBuf,
     frames: Vec<usize>,
     tokenizer: Arc<Tokenizer>,
 }
 
 impl Dataset {
-    /// Opens the manifest at `path`; feature paths are relative to its folder.
+    /// Opens the manifest at `path` (its relative feature paths resolve
+    /// against its folder).
     /// Every feature file's header is checked now, so a missing or malformed
     /// file fails before training starts, naming the file.
     pub fn open(path: &Path, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let manifest = Manifest::load(path)?;
-        let root = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let frames = manifest
             .recordings
             .iter()
             .map(|r| {
-                let file = root.join(&r.features);
-                let map = map_file(&file)?;
-                let (rows, t, _) = features_view(&map, &file)?;
+                let file = &r.features;
+                let map = map_file(file)?;
+                let (rows, t, _) = features_view(&map, file)?;
                 if rows != N_MELS {
                     bail!(
                         "{}: features have {rows} rows, expected {N_MELS}",
@@ -64,7 +63,6 @@ impl Dataset {
             .collect::<Result<Vec<usize>>>()?;
         Ok(Dataset {
             manifest,
-            root,
             frames,
             tokenizer,
         })
@@ -101,9 +99,9 @@ impl Dataset {
         for (slot, item) in chunk.items.iter().enumerate() {
             let index = batch[item.recording];
             let rec = &self.manifest.recordings[index];
-            let file = self.root.join(&rec.features);
-            let map = map_file(&file)?;
-            let (_, t, values) = features_view(&map, &file)?;
+            let file = &rec.features;
+            let map = map_file(file)?;
+            let (_, t, values) = features_view(&map, file)?;
             let out = &mut data[slot * N_MELS * w..(slot + 1) * N_MELS * w];
             let valid = item.valid.min(t.saturating_sub(chunk.start));
             for bin in 0..N_MELS {

@@ -229,6 +229,12 @@ impl Encoder {
         })
     }
 
+    /// The CTC head's logits for hidden states `x` of shape (B, N, d_model),
+    /// e.g. a block's output for an intermediate CTC loss (the head is shared).
+    pub fn ctc_head(&self, x: &Tensor) -> Result<Tensor> {
+        self.decoder.final_logits(x, &Ctx::new(false, None, 0))
+    }
+
     /// Every parameter and buffer under its reference state-dict name
     /// (BatchRenorm counters as I64 scalars), sorted by name.
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {

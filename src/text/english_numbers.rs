@@ -198,7 +198,7 @@ impl Builder<'_> {
     /// Emit `result` with any pending prefix; clears the value and prefix.
     fn emit(&mut self, result: String) {
         let r = match self.prefix.take() {
-            Some(p) => p + &result,
+            Some(p) => p + result.as_str(),
             None => result,
         };
         self.value = None;
@@ -490,7 +490,7 @@ impl EnglishNumberNormalizer {
                     let repeats = if cur == "double" { 2 } else { 3 };
                     let digit = self.ones.get(next).copied().unwrap_or(0).to_string();
                     b.value = Some(Value::Digits(
-                        text_or_empty(&b.value) + &digit.repeat(repeats),
+                        text_or_empty(&b.value) + digit.repeat(repeats).as_str(),
                     ));
                     skip = true;
                 } else {

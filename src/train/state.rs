@@ -1,15 +1,17 @@
 //! Training-state checkpoints: a directory holding `model.safetensors` (every
 //! parameter and buffer), `optimizer.safetensors` (the optimizer's per-parameter
-//! buffers) and `state.json` (counters, schedule and RNG positions, optimizer
-//! scalars, file hashes and the model's tensor fingerprint).
+//! buffers), any extra small files the caller adds (the resolved config, the
+//! tokenizer) and `state.json` (counters, schedule and RNG positions, the
+//! script's own state, optimizer scalars, the sha256 of every other file and the
+//! model's tensor fingerprint).
 //!
 //! Saving is atomic: everything is written and synced in a temporary sibling
 //! directory that is then renamed onto the target, so a crash leaves either the
-//! old checkpoint or the new one, never a mix. Loading verifies the hashes, the
+//! old checkpoint or the new one, never a mix. Loading verifies every hash, the
 //! model's tensor names and shapes and the optimizer's name before it changes
 //! anything.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -62,6 +64,10 @@ pub struct TrainingState {
     pub rng: RunRngState,
     /// The optimizer's config name ([`Optimizer::name`]).
     pub optimizer: String,
+    /// Whatever the training script stores to find again on resume (its own
+    /// counters, for example); `null` when it stores nothing.
+    #[serde(default)]
+    pub script_state: Value,
 }
 
 /// Name, shape and dtype of one model tensor.
@@ -85,11 +91,17 @@ struct StateFile {
 
 /// Writes a checkpoint of `model`, `opt` and `state` to the directory `dir`,
 /// atomically replacing any previous checkpoint there.
+///
+/// `extra` lists further files to keep with the checkpoint, as (file name,
+/// contents): they are written in the same atomic step and their hashes are
+/// checked on load like the tensors'. A name must be a plain file name, not one
+/// of the checkpoint's own files, and appear once.
 pub fn save_checkpoint(
     dir: &Path,
     model: &Encoder,
     opt: &dyn Optimizer,
     state: &TrainingState,
+    extra: &[(&str, &[u8])],
 ) -> Result<()> {
     if state.optimizer != opt.name() {
         bail!(
@@ -98,10 +110,11 @@ pub fn save_checkpoint(
             opt.name()
         );
     }
+    check_extra_names(extra)?;
     let (parent, name) = split_dir(dir)?;
     fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let tmp = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-    let written = write_files(&tmp, model, opt, state);
+    let written = write_files(&tmp, model, opt, state, extra);
     let result = written.and_then(|()| replace_dir(&tmp, dir, &parent, &name));
     if result.is_err() && tmp.exists() {
         // Best effort: the error being reported matters more than leftovers.
@@ -120,20 +133,7 @@ pub fn load_checkpoint(
     opt: &mut dyn Optimizer,
 ) -> Result<TrainingState> {
     let context = || format!("cannot load checkpoint {}", dir.display());
-    let state_path = dir.join(STATE_FILE);
-    let text = fs::read_to_string(&state_path)
-        .with_context(|| format!("cannot read {}", state_path.display()))
-        .with_context(context)?;
-    let file: StateFile = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a valid training state", state_path.display()))
-        .with_context(context)?;
-    if file.format_version != FORMAT_VERSION {
-        bail!(
-            "{}: unsupported format version {} (expected {FORMAT_VERSION})",
-            state_path.display(),
-            file.format_version
-        );
-    }
+    let file = read_state_file(dir).with_context(context)?;
     if file.training.optimizer != opt.name() {
         return Err(anyhow!(
             "the checkpoint holds `{}` optimizer state but the optimizer is `{}`",
@@ -150,6 +150,9 @@ pub fn load_checkpoint(
         read_verified(dir, MODEL_FILE, &file.sha256, device).with_context(context)?;
     let opt_tensors =
         read_verified(dir, OPTIMIZER_FILE, &file.sha256, device).with_context(context)?;
+    for extra in file.sha256.keys().filter(|f| !is_tensor_file(f)) {
+        read_hashed(dir, extra, &file.sha256).with_context(context)?;
+    }
     let saved: Vec<TensorSpec> = sorted_specs(&model_tensors);
     check_fingerprint(&file.model_fingerprint, &saved)
         .with_context(|| format!("{MODEL_FILE} does not match {STATE_FILE}"))
@@ -177,6 +180,84 @@ pub fn load_checkpoint(
     Ok(file.training)
 }
 
+/// Checks, without a model, that the checkpoint in `dir` is complete and
+/// intact: `state.json` parses and every file it hashes (tensors and extras)
+/// is present with that hash.
+pub fn verify_checkpoint(dir: &Path) -> Result<()> {
+    let context = || format!("checkpoint {} is not intact", dir.display());
+    let file = read_state_file(dir).with_context(context)?;
+    for tensor_file in [MODEL_FILE, OPTIMIZER_FILE] {
+        if !file.sha256.contains_key(tensor_file) {
+            return Err(anyhow!("{STATE_FILE} records no sha256 for {tensor_file}"))
+                .with_context(context);
+        }
+    }
+    for name in file.sha256.keys() {
+        read_hashed(dir, name, &file.sha256).with_context(context)?;
+    }
+    Ok(())
+}
+
+/// The contents of the extra file `name` saved with the checkpoint in `dir`
+/// (see [`save_checkpoint`]), after checking its hash.
+pub fn read_checkpoint_file(dir: &Path, name: &str) -> Result<Vec<u8>> {
+    let context = || format!("cannot read `{name}` from checkpoint {}", dir.display());
+    let file = read_state_file(dir).with_context(context)?;
+    read_hashed(dir, name, &file.sha256).with_context(context)
+}
+
+/// Reads and parses `dir/state.json`, checking its format version.
+fn read_state_file(dir: &Path) -> Result<StateFile> {
+    let state_path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&state_path)
+        .with_context(|| format!("cannot read {}", state_path.display()))?;
+    let file: StateFile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a valid training state", state_path.display()))?;
+    if file.format_version != FORMAT_VERSION {
+        bail!(
+            "{}: unsupported format version {} (expected {FORMAT_VERSION})",
+            state_path.display(),
+            file.format_version
+        );
+    }
+    if let Some(bad) = file.sha256.keys().find(|name| !is_plain_name(name)) {
+        bail!(
+            "{}: hashed file `{bad}` is not a plain file name",
+            state_path.display()
+        );
+    }
+    Ok(file)
+}
+
+/// Whether `name` names a file directly inside a directory (no separators,
+/// not `.`, `..` or hidden).
+fn is_plain_name(name: &str) -> bool {
+    !name.starts_with('.') && Path::new(name).file_name().and_then(|n| n.to_str()) == Some(name)
+}
+
+/// Whether `name` is one of the checkpoint's tensor files.
+fn is_tensor_file(name: &str) -> bool {
+    name == MODEL_FILE || name == OPTIMIZER_FILE
+}
+
+/// Fails unless every extra file name is a plain, unique name that does not
+/// clash with the checkpoint's own files.
+fn check_extra_names(extra: &[(&str, &[u8])]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for (name, _) in extra {
+        if !is_plain_name(name) {
+            bail!("extra checkpoint file `{name}` must be a plain file name not starting with `.`");
+        }
+        if is_tensor_file(name) || *name == STATE_FILE {
+            bail!("extra checkpoint file `{name}` clashes with the checkpoint's own {name}");
+        }
+        if !seen.insert(*name) {
+            bail!("extra checkpoint file `{name}` is given twice");
+        }
+    }
+    Ok(())
+}
+
 /// The parent directory and final name of a checkpoint directory.
 fn split_dir(dir: &Path) -> Result<(PathBuf, String)> {
     let name = dir
@@ -191,12 +272,14 @@ fn split_dir(dir: &Path) -> Result<(PathBuf, String)> {
     Ok((parent, name))
 }
 
-/// Writes the three files into a fresh `tmp` and syncs them and the directory.
+/// Writes every file of the checkpoint into a fresh `tmp` and syncs them and
+/// the directory.
 fn write_files(
     tmp: &Path,
     model: &Encoder,
     opt: &dyn Optimizer,
     state: &TrainingState,
+    extra: &[(&str, &[u8])],
 ) -> Result<()> {
     if tmp.exists() {
         fs::remove_dir_all(tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
@@ -208,19 +291,26 @@ fn write_files(
     let opt_dict = opt.state_tensors();
     let opt_bytes = safetensors::serialize(opt_dict.iter().map(|(k, t)| (k.as_str(), t)), None)
         .map_err(|e| anyhow!("cannot serialise the optimizer state: {e}"))?;
+    let mut sha256 = BTreeMap::from([
+        (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
+        (OPTIMIZER_FILE.to_string(), sha256_hex(&opt_bytes)),
+    ]);
+    for (name, bytes) in extra {
+        sha256.insert(name.to_string(), sha256_hex(bytes));
+    }
     let file = StateFile {
         format_version: FORMAT_VERSION,
         training: state.clone(),
         optimizer_scalars: opt.state_scalars(),
-        sha256: BTreeMap::from([
-            (MODEL_FILE.to_string(), sha256_hex(&model_bytes)),
-            (OPTIMIZER_FILE.to_string(), sha256_hex(&opt_bytes)),
-        ]),
+        sha256,
         model_fingerprint: fingerprint(model)?,
     };
     let json = serde_json::to_vec_pretty(&file)?;
     write_synced(&tmp.join(MODEL_FILE), &model_bytes)?;
     write_synced(&tmp.join(OPTIMIZER_FILE), &opt_bytes)?;
+    for (name, bytes) in extra {
+        write_synced(&tmp.join(name), bytes)?;
+    }
     write_synced(&tmp.join(STATE_FILE), &json)?;
     sync_dir(tmp)
 }
@@ -303,11 +393,18 @@ fn read_verified(
     hashes: &BTreeMap<String, String>,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let path = dir.join(file);
-    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = read_hashed(dir, file, hashes)?;
+    candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("cannot parse {}", dir.join(file).display()))
+}
+
+/// Reads `dir/file` and checks its sha256 against the one recorded for it.
+fn read_hashed(dir: &Path, file: &str, hashes: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let want = hashes
         .get(file)
         .ok_or_else(|| anyhow!("{STATE_FILE} records no sha256 for {file}"))?;
+    let path = dir.join(file);
+    let bytes = fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let got = sha256_hex(&bytes);
     if &got != want {
         bail!(
@@ -316,8 +413,7 @@ fn read_verified(
             bytes.len()
         );
     }
-    candle_core::safetensors::load_buffer(&bytes, device)
-        .with_context(|| format!("cannot parse {}", path.display()))
+    Ok(bytes)
 }
 
 /// The BatchRenorm state saved under `prefix`.

@@ -54,3 +54,58 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0f32, f32::max)
 }
+
+/// A tiny experiment in `dir`: four bundled demo recordings prepared into
+/// `dir/data`, a 48-piece tokenizer, and `dir/config.yaml` for a one-block
+/// model (run directory `dir/run`) trained for `max_epochs`. Returns the
+/// config path.
+pub fn tiny_experiment(dir: &std::path::Path, max_epochs: u64) -> PathBuf {
+    use lcasr::data::prepare::{discover, prepare, PrepareOptions};
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/demo/train");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..4 {
+        for ext in ["flac", "json"] {
+            let name = format!("train-{i:03}.{ext}");
+            std::fs::copy(demo.join(&name), src.join(&name)).unwrap();
+        }
+    }
+    let (sources, problems) = discover(&src).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    let data = dir.join("data");
+    let (manifest, _) = prepare(&sources, &data, &PrepareOptions::default(), &|_, _| {}).unwrap();
+    let texts: Vec<String> = manifest
+        .recordings
+        .iter()
+        .map(|r| {
+            r.words
+                .as_ref()
+                .map(|ws| {
+                    ws.iter()
+                        .map(|w| w.word.clone())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let tok = dir.join("tokenizer.json");
+    lcasr::text::tokenizer::train_and_save(texts, 48, &tok).unwrap();
+    let config = dir.join("config.yaml");
+    let yaml = format!(
+        "model:\n  feat_in: 80\n  n_layers: 1\n  d_model: 32\n  n_heads: 2\n  head_dim: 16\n  \
+         subsampling_factor: 4\n  subsampling_conv_channels: 16\n  conv_kernel_size: 5\n  \
+         self_conditioning: false\n  dropout_ff: 0.1\n  dropout_attn: 0.1\n  dropout_conv: 0.1\n\
+         optimizer:\n  name: madgrad\n  args:\n    lr: 3e-3\n\
+         scheduler:\n  warmup_steps: 3\n\
+         audio_chunking:\n  size: 1000\n\
+         checkpointing:\n  dir: {run}\n  save_every_n_steps: 2\n\
+         data:\n  path: {data}\n  tokenizer: {tok}\n\
+         training:\n  max_epochs: {max_epochs}\n  batch_size: 2\n  backprop_every: 1\n  clip_value: 0.8\n  random_seed: 7\n",
+        run = dir.join("run").display(),
+        data = data.join("manifest.json").display(),
+        tok = tok.display(),
+    );
+    std::fs::write(&config, yaml).unwrap();
+    config
+}

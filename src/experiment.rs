@@ -1,0 +1,265 @@
+//! Running an experiment script against a config: load and validate the
+//! config, compile the script with its imports, set up (or reopen) the run
+//! directory with everything needed to reproduce the run, install the Ctrl-C
+//! handler, and run the script.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::config::{self, Config, LoadOptions, Seed};
+use crate::hash::sha256_hex;
+use crate::run::metrics::MetricsWriter;
+use crate::run::run_dir::{
+    compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
+};
+use crate::run::tensorboard::EventWriter;
+use crate::script::run_api::RunOutputs;
+use crate::script::{compile, CompileOptions, SessionSetup};
+
+/// What to run.
+pub struct Experiment {
+    /// The entry script.
+    pub script: PathBuf,
+    /// The YAML config.
+    pub config: PathBuf,
+    /// `key.path=value` overrides.
+    pub overrides: Vec<String>,
+    /// Unknown config keys are errors.
+    pub strict: bool,
+    /// The run directory (default: the config's `checkpointing.dir`).
+    pub run_dir: Option<PathBuf>,
+    /// New, forced or resumed run.
+    pub mode: StartMode,
+    /// The command line, recorded in the run directory.
+    pub command_line: Vec<String>,
+    /// Extra directories scripts may import from (the entry script's own
+    /// directory is always allowed).
+    pub import_roots: Vec<PathBuf>,
+}
+
+/// How an experiment ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The script ran to its end.
+    Finished {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+    /// Ctrl-C stopped it; a checkpoint was saved when the script tracks one.
+    Interrupted {
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+}
+
+/// Why an experiment could not run or failed.
+#[derive(Debug)]
+pub enum ExperimentError {
+    /// The config is invalid (exit status 2).
+    Config(config::ConfigError),
+    /// The script failed: the message is formatted with file and line.
+    Script(String),
+    /// Anything else (files, run directory).
+    Other(anyhow::Error),
+}
+
+impl std::fmt::Display for ExperimentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExperimentError::Config(e) => write!(f, "error: {e}"),
+            ExperimentError::Script(m) => f.write_str(m.trim_end()),
+            ExperimentError::Other(e) => write!(f, "error: {e:#}"),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ExperimentError {
+    fn from(e: anyhow::Error) -> Self {
+        ExperimentError::Other(e)
+    }
+}
+
+/// The seed a run uses: the config's, or one from the clock (recorded in
+/// the run directory, so the run can still be reproduced).
+fn resolve_seed(cfg: &Config) -> u64 {
+    match cfg.training.random_seed {
+        Seed::Fixed(v) => v,
+        Seed::Random => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    }
+}
+
+fn file_hash(path: &Path) -> Option<String> {
+    std::fs::read(path).ok().map(|b| sha256_hex(&b))
+}
+
+/// Installs the Ctrl-C handler (once per process) and returns the counter it
+/// increments.
+fn interrupt_counter() -> Arc<AtomicUsize> {
+    static COUNTER: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
+    Arc::clone(COUNTER.get_or_init(|| {
+        let counter = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&counter);
+        let installed = ctrlc::set_handler(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 1 {
+                eprintln!(
+                    "\nCtrl-C: stopping at the next step boundary and saving a checkpoint \
+                     (press Ctrl-C again to stop at once)."
+                );
+            } else {
+                eprintln!("\nCtrl-C again: stopping now.");
+            }
+        });
+        if let Err(e) = installed {
+            tracing::warn!("cannot install the Ctrl-C handler: {e}");
+        }
+        counter
+    }))
+}
+
+/// Runs an experiment to its end (or until Ctrl-C).
+pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
+    let loaded = config::load_file(
+        &exp.config,
+        &LoadOptions {
+            strict: exp.strict,
+            overrides: exp.overrides.clone(),
+        },
+    )
+    .map_err(ExperimentError::Config)?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let cfg = loaded.config;
+    let interrupts = interrupt_counter();
+    let compiled = compile(
+        &exp.script,
+        &CompileOptions {
+            import_roots: exp.import_roots.clone(),
+            max_operations: 0,
+            interrupts: Arc::clone(&interrupts),
+        },
+    )
+    .map_err(|f| ExperimentError::Script(f.message))?;
+
+    let root = exp
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(&cfg.checkpointing.dir));
+    let dir = RunDir::start(&root, exp.mode)?;
+    let yaml = cfg.to_yaml();
+    let tokenizer = cfg.data.tokenizer.as_ref().map(PathBuf::from);
+    let mut record = RunRecord {
+        program_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit(Path::new(".")),
+        command_line: exp.command_line.clone(),
+        started_at: now_utc(),
+        seed: resolve_seed(&cfg),
+        config_sha256: cfg.canonical_hash(),
+        scripts: script_names(&compiled.name, &compiled.sources)
+            .into_iter()
+            .map(|(name, text)| (name, sha256_hex(text.as_bytes())))
+            .collect(),
+        tokenizer_sha256: tokenizer.as_deref().and_then(file_hash),
+        data_manifest_sha256: file_hash(Path::new(&cfg.data.path)),
+        resumes: Vec::new(),
+    };
+    let store = dir.checkpoints(cfg.checkpointing.keep_last as usize);
+    let resume_from = if exp.mode == StartMode::Resume {
+        let recorded = dir.read_record()?;
+        for mismatch in compare_records(&recorded, &record) {
+            eprintln!("warning: resuming with a change: {mismatch}");
+        }
+        record.seed = recorded.seed;
+        let from = store.latest_valid()?.ok_or_else(|| {
+            anyhow!(
+                "{} has no valid checkpoint to resume from; start it again with --force",
+                root.display()
+            )
+        })?;
+        dir.append_resume(ResumeRecord {
+            at: now_utc(),
+            command_line: exp.command_line.clone(),
+            from_checkpoint: from.display().to_string(),
+        })?;
+        eprintln!("Resuming {} from {}", root.display(), from.display());
+        Some(from)
+    } else {
+        dir.write_config(&yaml)?;
+        for (name, text) in script_names(&compiled.name, &compiled.sources) {
+            dir.write_script(&name, &text)?;
+        }
+        dir.write_record(&record)?;
+        None
+    };
+
+    let mut checkpoint_files = vec![("config.yaml".to_string(), yaml.into_bytes())];
+    if let Some(tok) = &tokenizer {
+        let bytes = std::fs::read(tok)
+            .with_context(|| format!("cannot read the tokenizer {}", tok.display()))?;
+        let name = match tok.extension().and_then(|e| e.to_str()) {
+            Some("model") => "tokenizer.model",
+            _ => "tokenizer.json",
+        };
+        checkpoint_files.push((name.to_string(), bytes));
+    }
+    let outputs = RunOutputs {
+        dir: dir.root().to_path_buf(),
+        metrics: MetricsWriter::open(&dir.metrics_path())?,
+        tensorboard: EventWriter::create(&dir.tensorboard_dir())
+            .with_context(|| format!("cannot create {}", dir.tensorboard_dir().display()))?,
+        checkpoints: store,
+        checkpoint_files,
+        resume_from,
+        last_checkpoint_recordings: 0,
+        last_checkpoint: None,
+        log_calls: 0,
+    };
+    let setup = SessionSetup {
+        seed: record.seed,
+        config: Some(cfg),
+        base_dir: PathBuf::from("."),
+        interrupts,
+        run: Some(outputs),
+    };
+    let run_dir = dir.root().to_path_buf();
+    match compiled.run(setup) {
+        Ok(()) => Ok(Outcome::Finished { run_dir }),
+        Err(f) if f.interrupted => Ok(Outcome::Interrupted { run_dir }),
+        Err(f) => Err(ExperimentError::Script(f.message)),
+    }
+}
+
+/// The scripts of a run under the names they get in `scripts/` of the run
+/// directory: the entry script by its file name, imported files by their
+/// path relative to the entry script's directory (or their file name).
+fn script_names(
+    main: &str,
+    sources: &std::collections::BTreeMap<String, String>,
+) -> Vec<(String, String)> {
+    let main_path = Path::new(main);
+    let base = main_path
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .unwrap_or_else(|| PathBuf::from("."));
+    sources
+        .iter()
+        .map(|(name, text)| {
+            let p = Path::new(name);
+            let rel = if name == main {
+                PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))
+            } else {
+                p.strip_prefix(&base)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|_| PathBuf::from(p.file_name().unwrap_or(p.as_os_str())))
+            };
+            (rel.display().to_string(), text.clone())
+        })
+        .collect()
+}

@@ -1,0 +1,482 @@
+//! The run in scripts: the config, metrics logging (JSONL and TensorBoard),
+//! progress bars, seeded random numbers, checkpoints and exact resume, and the
+//! Ctrl-C step boundary.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rhai::plugin::*;
+use rhai::{Dynamic, Map, Position};
+use serde_json::{json, Value};
+
+use super::data_api::{DataPosition, Dataset};
+use super::errors::{script_error, IntoScript, ScriptResult, INTERRUPTED};
+use super::model_api::Model;
+use super::session;
+use super::train_api::{LrSchedule, Optimizer, SequenceSchedule};
+use crate::run::checkpoints::CheckpointStore;
+use crate::run::metrics::{truncate_metrics, MetricsWriter};
+use crate::run::tensorboard::EventWriter;
+use crate::train::lr_schedule::{CosineWarmup, DecayUnit};
+use crate::train::rng::RunRng;
+use crate::train::state::{TrainingCounters, TrainingState};
+
+/// The run directory's writers and checkpoint bookkeeping.
+pub struct RunOutputs {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// metrics.jsonl.
+    pub metrics: MetricsWriter,
+    /// TensorBoard scalars.
+    pub tensorboard: EventWriter,
+    /// The checkpoints.
+    pub checkpoints: CheckpointStore,
+    /// Small files stored with every checkpoint (the config, the tokenizer).
+    pub checkpoint_files: Vec<(String, Vec<u8>)>,
+    /// The checkpoint to resume from, when resuming.
+    pub resume_from: Option<PathBuf>,
+    /// Recordings done at the last checkpoint.
+    pub last_checkpoint_recordings: u64,
+    /// The last checkpoint written or restored.
+    pub last_checkpoint: Option<PathBuf>,
+    /// Log calls so far (the step of records when no optimizer is tracked).
+    pub log_calls: u64,
+}
+
+/// The objects a checkpoint saves and a resume restores.
+#[derive(Clone)]
+pub struct Tracked {
+    model: Model,
+    opt: Optimizer,
+    lr: Option<LrSchedule>,
+    seq: Option<SequenceSchedule>,
+    data: Option<Dataset>,
+    state: Map,
+}
+
+const TRACKED_KEYS: [&str; 6] = ["model", "optimizer", "lr", "seq", "data", "state"];
+
+fn tracked_from(map: &Map, what: &str) -> ScriptResult<Tracked> {
+    for k in map.keys() {
+        if !TRACKED_KEYS.contains(&k.as_str()) {
+            return Err(script_error(format!(
+                "{what}: unknown key `{k}` (known: {})",
+                TRACKED_KEYS.join(", ")
+            )));
+        }
+    }
+    fn get<T: Clone + 'static>(
+        map: &Map,
+        key: &str,
+        what: &str,
+        ty: &str,
+    ) -> ScriptResult<Option<T>> {
+        match map.get(key) {
+            None => Ok(None),
+            Some(v) if v.is_unit() => Ok(None),
+            Some(v) => v.clone().try_cast::<T>().map(Some).ok_or_else(|| {
+                script_error(format!(
+                    "{what}: `{key}` must be a {ty}, got {}",
+                    v.type_name()
+                ))
+            }),
+        }
+    }
+    let model: Model = get(map, "model", what, "Model")?
+        .ok_or_else(|| script_error(format!("{what}: the map needs `model`")))?;
+    let opt: Optimizer = get(map, "optimizer", what, "Optimizer")?
+        .ok_or_else(|| script_error(format!("{what}: the map needs `optimizer`")))?;
+    if !opt.lock().model.same(&model) {
+        return Err(script_error(format!(
+            "{what}: the optimizer belongs to another model"
+        )));
+    }
+    Ok(Tracked {
+        model,
+        opt,
+        lr: get(map, "lr", what, "LrSchedule")?,
+        seq: get(map, "seq", what, "SequenceSchedule")?,
+        data: get(map, "data", what, "Dataset")?,
+        state: get(map, "state", what, "map")?.unwrap_or_default(),
+    })
+}
+
+/// Saves a checkpoint of `t`; returns its directory.
+fn save(t: &Tracked) -> ScriptResult<PathBuf> {
+    let pos = t
+        .data
+        .as_ref()
+        .map(|d| d.lock().pos.clone())
+        .unwrap_or_default();
+    let user: Value = rhai::serde::from_dynamic(&Dynamic::from_map(t.state.clone()))?;
+    let lr_state = match &t.lr {
+        Some(lr) => lr.lock().state(),
+        None => CosineWarmup::new(0.0, 0.0, 0, 0, DecayUnit::Recordings)
+            .script()?
+            .state(),
+    };
+    session::with(|s| {
+        let rng = s.rng.state();
+        let run = s
+            .run
+            .as_mut()
+            .ok_or_else(|| script_error("checkpoint(): this run has no run directory"))?;
+        let inner = t.opt.lock();
+        let state = TrainingState {
+            counters: TrainingCounters {
+                optimizer_steps: inner.opt.steps(),
+                recordings_seen: pos.recordings_seen,
+                epoch: pos.epoch,
+                position_in_epoch: pos.seen.len() as u64,
+            },
+            lr_schedule: lr_state,
+            sequence_schedule: t.seq.as_ref().map(|s| s.lock().state()),
+            rng,
+            optimizer: inner.opt.name().to_string(),
+            script_state: json!({ "data": pos, "user": user }),
+        };
+        let extra: Vec<(&str, &[u8])> = run
+            .checkpoint_files
+            .iter()
+            .map(|(n, b)| (n.as_str(), b.as_slice()))
+            .collect();
+        let dir = run
+            .checkpoints
+            .save(
+                inner.opt.steps(),
+                t.model.encoder(),
+                inner.opt.as_ref(),
+                &state,
+                &extra,
+            )
+            .script()?;
+        run.last_checkpoint_recordings = pos.recordings_seen;
+        run.last_checkpoint = Some(dir.clone());
+        Ok(dir)
+    })
+}
+
+/// Restores `t` from the checkpoint being resumed; returns the script's saved
+/// state map.
+fn load(t: &Tracked, from: &std::path::Path) -> ScriptResult<Map> {
+    let state = {
+        let mut inner = t.opt.lock();
+        crate::train::state::load_checkpoint(from, t.model.encoder(), inner.opt.as_mut())
+            .script()?
+    };
+    if let Some(lr) = &t.lr {
+        lr.lock().load_state(state.lr_schedule.clone()).script()?;
+    }
+    match (&t.seq, &state.sequence_schedule) {
+        (Some(seq), Some(s)) => seq.lock().load_state(s.clone()).script()?,
+        (Some(_), None) => {
+            return Err(script_error(
+                "restore(): the checkpoint has no sequence schedule but the script passes `seq`",
+            ))
+        }
+        _ => {}
+    }
+    let saved_pos = state
+        .script_state
+        .get("data")
+        .cloned()
+        .unwrap_or(Value::Null);
+    if let Some(data) = &t.data {
+        let pos: DataPosition = serde_json::from_value(saved_pos).map_err(|e| {
+            script_error(format!(
+                "restore(): bad data position in the checkpoint: {e}"
+            ))
+        })?;
+        data.lock().pos = pos;
+    }
+    let user = state
+        .script_state
+        .get("user")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let user: Dynamic = rhai::serde::to_dynamic(&user)?;
+    let steps = state.counters.optimizer_steps;
+    session::with(|s| {
+        s.rng = RunRng::from_state(&state.rng).script()?;
+        if let Some(run) = s.run.as_mut() {
+            run.last_checkpoint_recordings = state.counters.recordings_seen;
+            run.last_checkpoint = Some(from.to_path_buf());
+            let path = run.dir.join("metrics.jsonl");
+            if path.exists() {
+                // Records past the checkpoint are re-logged by the resumed run.
+                truncate_metrics(&path, |r| {
+                    r.get("step")
+                        .and_then(Value::as_u64)
+                        .is_none_or(|st| st <= steps)
+                })
+                .script()?;
+                // The file was replaced: write to the new one.
+                run.metrics = MetricsWriter::open(&path).script()?;
+            }
+        }
+        Ok(())
+    })?;
+    tracing::info!("resumed from {} (step {steps})", from.display());
+    Ok(user.try_cast::<Map>().unwrap_or_default())
+}
+
+/// The termination error of a run stopped by Ctrl-C.
+fn interrupted() -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorTerminated(
+        INTERRUPTED.into(),
+        Position::NONE,
+    ))
+}
+
+/// Called between optimizer steps (before the next chunk or batch is
+/// handed out): after Ctrl-C, saves the tracked objects and stops the run.
+pub fn step_boundary() -> ScriptResult<()> {
+    if session::interrupts() == 0 {
+        return Ok(());
+    }
+    let (tracked, pending) =
+        session::with(|s| Ok((s.tracked.clone(), s.grads.get_ids().next().is_some())))?;
+    let Some(t) = tracked else {
+        return Err(interrupted());
+    };
+    if pending {
+        // Inside a gradient-accumulation group: stop at the group's end.
+        return Ok(());
+    }
+    let dir = save(&t)?;
+    tracing::warn!("stopped by Ctrl-C; checkpoint saved to {}", dir.display());
+    Err(interrupted())
+}
+
+/// A progress bar in a script.
+#[derive(Clone)]
+pub struct Progress(Arc<Mutex<ProgressInner>>);
+
+struct ProgressInner {
+    bar: ProgressBar,
+    plain: bool,
+    total: u64,
+    last_line: Option<Instant>,
+}
+
+fn to_json(value: &Dynamic) -> ScriptResult<Value> {
+    rhai::serde::from_dynamic(value)
+}
+
+/// Run functions.
+#[export_module]
+pub mod run_module {
+    use super::*;
+
+    /// The run's validated config as a map (every default filled in).
+    /// Reading a key that does not exist is an error.
+    #[rhai_fn(return_raw)]
+    pub fn config() -> Result<Map, Box<EvalAltResult>> {
+        let cfg = session::with(|s| {
+            s.config
+                .clone()
+                .ok_or_else(|| script_error("config(): this run has no config (pass --config)"))
+        })?;
+        let d = rhai::serde::to_dynamic(&cfg)?;
+        d.try_cast::<Map>()
+            .ok_or_else(|| script_error("the config is not a map"))
+    }
+
+    /// The run directory, or `()` when the run records none.
+    #[rhai_fn(return_raw)]
+    pub fn run_dir() -> Result<Dynamic, Box<EvalAltResult>> {
+        session::with(|s| {
+            Ok(s.run
+                .as_ref()
+                .map_or(Dynamic::UNIT, |r| r.dir.display().to_string().into()))
+        })
+    }
+
+    /// True when this run resumes a stopped one (`--resume`).
+    #[rhai_fn(return_raw)]
+    pub fn resuming() -> Result<bool, Box<EvalAltResult>> {
+        session::with(|s| Ok(s.run.as_ref().is_some_and(|r| r.resume_from.is_some())))
+    }
+
+    /// Names the objects checkpoints save: `#{ model, optimizer, lr, seq,
+    /// data, state }` (`lr`, `seq`, `data`, `state` optional; `state` is a map
+    /// of the script's own values). When resuming, restores them all from the
+    /// checkpoint (weights, optimizer, schedules, data position, random
+    /// streams) and returns the saved `state`; otherwise returns `()`.
+    #[rhai_fn(return_raw)]
+    pub fn restore(objects: Map) -> Result<Dynamic, Box<EvalAltResult>> {
+        let t = tracked_from(&objects, "restore()")?;
+        let from = session::with(|s| {
+            s.tracked = Some(t.clone());
+            Ok(s.run.as_ref().and_then(|r| r.resume_from.clone()))
+        })?;
+        match from {
+            None => Ok(Dynamic::UNIT),
+            Some(dir) => Ok(Dynamic::from_map(load(&t, &dir)?)),
+        }
+    }
+
+    /// Saves a checkpoint of `#{ model, optimizer, lr, seq, data, state }`
+    /// into the run directory (atomically; older ones beyond the kept number
+    /// are removed) and returns its path.
+    #[rhai_fn(return_raw)]
+    pub fn checkpoint(objects: Map) -> Result<String, Box<EvalAltResult>> {
+        let t = tracked_from(&objects, "checkpoint()")?;
+        session::with(|s| {
+            s.tracked = Some(t.clone());
+            Ok(())
+        })?;
+        save(&t).map(|p| p.display().to_string())
+    }
+
+    /// Recordings finished since the last checkpoint (or the run's start).
+    #[rhai_fn(return_raw)]
+    pub fn recordings_since_checkpoint(data: Dataset) -> Result<i64, Box<EvalAltResult>> {
+        let seen = data.lock().pos.recordings_seen;
+        session::with(|s| {
+            let last = s.run.as_ref().map_or(0, |r| r.last_checkpoint_recordings);
+            Ok(seen.saturating_sub(last) as i64)
+        })
+    }
+
+    /// Appends a record to metrics.jsonl and its numbers to TensorBoard. The
+    /// record gets `step` (optimizer steps of the tracked optimizer) unless it has one.
+    #[rhai_fn(return_raw)]
+    pub fn log(record: Map) -> Result<(), Box<EvalAltResult>> {
+        let mut value = to_json(&Dynamic::from_map(record))?;
+        let steps = session::with(|s| Ok(s.tracked.as_ref().map(|t| t.opt.lock().opt.steps())))?;
+        session::with(|s| {
+            let Some(run) = s.run.as_mut() else {
+                tracing::info!("{value}");
+                return Ok(());
+            };
+            run.log_calls += 1;
+            let obj = value
+                .as_object_mut()
+                .expect("a map serialises to an object");
+            let step = match obj.get("step").and_then(Value::as_i64) {
+                Some(st) => st,
+                None => {
+                    let st = steps.unwrap_or(run.log_calls) as i64;
+                    obj.insert("step".into(), json!(st));
+                    st
+                }
+            };
+            let prefix = obj
+                .get("split")
+                .and_then(Value::as_str)
+                .map(|e| format!("{e}/"));
+            for (k, v) in obj.iter() {
+                if k == "step" {
+                    continue;
+                }
+                if let Some(x) = v.as_f64() {
+                    let tag = match &prefix {
+                        Some(p) => format!("{p}{k}"),
+                        None => k.clone(),
+                    };
+                    run.tensorboard.scalar(&tag, step, x as f32).map_err(|e| {
+                        script_error(format!("cannot write TensorBoard events: {e}"))
+                    })?;
+                }
+            }
+            run.metrics.write(&value).script()?;
+            Ok(())
+        })
+    }
+
+    /// A uniform random float in [0, 1) from the run's seeded `script` stream.
+    #[rhai_fn(return_raw)]
+    pub fn random() -> Result<f64, Box<EvalAltResult>> {
+        session::with(|s| Ok(s.rng.stream("script").uniform()))
+    }
+
+    /// The run's master seed.
+    #[rhai_fn(return_raw)]
+    pub fn seed() -> Result<i64, Box<EvalAltResult>> {
+        session::with(|s| Ok(s.rng.master_seed() as i64))
+    }
+
+    /// True once Ctrl-C was pressed (scripts without checkpoints can stop
+    /// cleanly by checking it).
+    pub fn interrupted() -> bool {
+        session::interrupts() > 0
+    }
+
+    /// A progress bar over `total` units named `unit` (e.g. "recordings").
+    /// On a terminal it draws in place; otherwise its messages are printed
+    /// as plain lines at most every 10 seconds.
+    pub fn progress(total: i64, unit: &str) -> Progress {
+        let total = total.max(0) as u64;
+        let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = if plain {
+            ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+        } else {
+            ProgressBar::new(total)
+        };
+        let template = format!(
+            "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit} (eta {{eta}}) {{msg}}"
+        );
+        if let Ok(style) = ProgressStyle::with_template(&template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        Progress(Arc::new(Mutex::new(ProgressInner {
+            bar,
+            plain,
+            total,
+            last_line: None,
+        })))
+    }
+
+    /// Moves the bar to `position`.
+    pub fn set(p: &mut Progress, position: i64) {
+        p.0.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .bar
+            .set_position(position.max(0) as u64);
+    }
+
+    /// Sets the text after the bar.
+    pub fn message(p: &mut Progress, text: &str) {
+        let mut inner = p.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.bar.set_message(text.to_string());
+        if inner.plain {
+            let due = inner
+                .last_line
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
+            if due {
+                inner.last_line = Some(Instant::now());
+                eprintln!("[{}/{}] {text}", inner.bar.position(), inner.total);
+            }
+        }
+    }
+
+    /// Finishes the bar, leaving it on screen.
+    pub fn finish(p: &mut Progress) {
+        p.0.lock().unwrap_or_else(|e| e.into_inner()).bar.finish();
+    }
+
+    /// `x` with `decimals` digits after the point (e.g. for messages).
+    pub fn fmt(x: f64, decimals: i64) -> String {
+        format!("{x:.*}", decimals.clamp(0, 17) as usize)
+    }
+
+    /// An int as a string (so `fmt` works on counts too).
+    #[rhai_fn(name = "fmt")]
+    pub fn fmt_int(x: i64, _decimals: i64) -> String {
+        x.to_string()
+    }
+
+    /// Prints a line above the progress bars.
+    pub fn say(text: &str) {
+        eprintln!("{text}");
+    }
+
+    /// Ctrl-C presses so far.
+    #[rhai_fn(name = "interrupt_count")]
+    pub fn interrupt_count() -> i64 {
+        session::interrupts() as i64
+    }
+}

@@ -1,0 +1,292 @@
+//! scripts/train.rhai end to end on a tiny experiment: the host adds no hidden
+//! behaviour (direct Rust calls give bit-identical weights), Ctrl-C saves a
+//! checkpoint and says how to resume, and resumed runs (after Ctrl-C or a
+//! SIGKILL at any point) log exactly the losses of an uninterrupted run.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use lcasr::config::{self, LoadOptions};
+use lcasr::data::batching::{epoch_batches, epoch_seed};
+use lcasr::data::dataset::Dataset;
+use lcasr::model::{Encoder, ForwardOptions};
+use lcasr::run::metrics::read_metrics;
+use lcasr::text::tokenizer::Tokenizer;
+use lcasr::train::clip::{clip_grad_norm, grads_are_finite};
+use lcasr::train::loss::{ctc, Reduction};
+use lcasr::train::lr_schedule::{CosineWarmup, DecayUnit};
+use lcasr::train::optimizer::{collect_params, DecayGroups, OptimizerConfig};
+use lcasr::train::rng::RunRng;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn lcasr(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lcasr"));
+    cmd.args(args).current_dir(repo());
+    cmd
+}
+
+fn train(config: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    lcasr(&args).output().unwrap()
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The newest checkpoint's model tensors.
+fn final_weights(run: &Path) -> HashMap<String, Tensor> {
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let path = run
+        .join("checkpoints")
+        .join(latest.trim())
+        .join("model.safetensors");
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// The training loop of scripts/train.rhai written as direct library calls
+/// (no SpecAugment, one chunk per step); returns the final parameters.
+fn train_directly(config: &Path) -> HashMap<String, Tensor> {
+    let cfg = config::load_file(config, &LoadOptions::default())
+        .unwrap()
+        .config;
+    let seed = match cfg.training.random_seed {
+        config::Seed::Fixed(s) => s,
+        config::Seed::Random => unreachable!(),
+    };
+    let mut rng = RunRng::new(seed);
+    let tok =
+        Arc::new(Tokenizer::from_file(Path::new(cfg.data.tokenizer.as_ref().unwrap())).unwrap());
+    let data = Dataset::open(Path::new(&cfg.data.path), Arc::clone(&tok)).unwrap();
+    let model = Encoder::init(&cfg.model, tok.vocab_size(), 12345, &Device::Cpu).unwrap();
+    let args = serde_json::to_value(&cfg.optimizer.args).unwrap();
+    let oc = OptimizerConfig::from_args("madgrad", &args).unwrap();
+    let mut opt = oc.build();
+    let params = collect_params(
+        model.params().iter().map(|(k, v)| (k.clone(), v.clone())),
+        DecayGroups::Conventional,
+    );
+    let n = data.manifest().recordings.len();
+    let epochs = cfg.training.max_epochs;
+    let mut lr = CosineWarmup::new(
+        oc.lr,
+        0.0,
+        cfg.scheduler.warmup_steps,
+        n as u64 * epochs,
+        DecayUnit::Recordings,
+    )
+    .unwrap();
+    let chunk = cfg.audio_chunking.size as usize;
+    let bs = cfg.training.batch_size as usize;
+    let blank = tok.vocab_size() as u32;
+    let mut recordings_seen = 0u64;
+    for epoch in 0..epochs {
+        let keyed: Vec<(String, f64)> = data
+            .manifest()
+            .recordings
+            .iter()
+            .map(|r| (r.id.clone(), r.duration))
+            .collect();
+        let seen: BTreeSet<usize> = BTreeSet::new();
+        let seed_e = epoch_seed(seed, epoch) ^ seen.len() as u64;
+        for batch in epoch_batches(&keyed, seed_e, bs) {
+            lr.start_batch(recordings_seen + batch.len() as u64);
+            for planned in data.plan(&batch, chunk).unwrap() {
+                let c = data.load(&batch, &planned).unwrap();
+                let opts = ForwardOptions {
+                    train: true,
+                    dropout_seed: rng.stream("dropout").next_u64(),
+                    ..Default::default()
+                };
+                let out = model.forward(&c.features, Some(&c.lengths), &opts).unwrap();
+                let loss = ctc(
+                    &out.logits,
+                    &c.targets,
+                    &out.lengths,
+                    blank,
+                    Reduction::Sum,
+                    false,
+                )
+                .unwrap();
+                let scaled = (&loss * (100.0 / (chunk * bs) as f64)).unwrap();
+                let mut grads = scaled.backward().unwrap();
+                clip_grad_norm(&params, &mut grads, cfg.training.clip_value).unwrap();
+                assert!(grads_are_finite(&params, &grads).unwrap());
+                opt.step(&params, &grads, lr.lr()).unwrap();
+                lr.after_optimizer_step();
+            }
+            recordings_seen += batch.len() as u64;
+            lr.end_batch(recordings_seen);
+        }
+    }
+    model
+        .params()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
+#[test]
+fn train_rhai_equals_direct_library_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tiny_experiment(dir.path(), 1);
+    let out = train(&config, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let scripted = final_weights(&dir.path().join("run"));
+    let direct = train_directly(&config);
+    assert!(!direct.is_empty());
+    for (name, want) in &direct {
+        let got = &scripted[name];
+        let a = got
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = want
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(a == b, "{name} differs between train.rhai and direct calls");
+    }
+    // The run directory records what made the run.
+    let run = dir.path().join("run");
+    for f in [
+        "config.yaml",
+        "manifest.json",
+        "metrics.jsonl",
+        "scripts/train.rhai",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let steps = read_metrics(&run.join("metrics.jsonl")).unwrap();
+    assert!(steps.len() >= 4, "{} records", steps.len());
+    assert!(steps
+        .iter()
+        .all(|r| r["loss"].as_f64().is_some_and(f64::is_finite)));
+}
+
+/// (step, loss) of every training record.
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].to_string()))
+        .collect()
+}
+
+/// Starts a training run in the background.
+fn spawn(config: &Path, extra: &[&str]) -> Child {
+    let mut args = vec!["train", config.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    lcasr(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the run has logged `n` records (or the process ended).
+fn wait_for_records(child: &mut Child, metrics: &Path, n: usize) {
+    let start = Instant::now();
+    loop {
+        let count = std::fs::read_to_string(metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if count >= n || child.try_wait().unwrap().is_some() {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A two-epoch tiny experiment in `dir` run without interruption: its
+/// config and its (step, loss) records.
+fn uninterrupted_run(dir: &Path) -> (PathBuf, Vec<(u64, String)>) {
+    let config = common::tiny_experiment(dir, 2);
+    let reference = dir.join("reference");
+    let out = train(&config, &["--run-dir", reference.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    (config, losses(&reference))
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, want) = uninterrupted_run(dir.path());
+
+    let run = dir.path().join("run");
+    let mut child = spawn(&config, &[]);
+    wait_for_records(&mut child, &run.join("metrics.jsonl"), 5);
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(130), "{msg}");
+    assert!(
+        msg.contains("Resume with:") && msg.contains(&format!("--resume {}", run.display())),
+        "{msg}"
+    );
+    assert!(run.join("checkpoints/latest").exists());
+    assert!(losses(&run).len() < want.len(), "the run stopped early");
+
+    let out = train(&config, &["--resume", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        losses(&run),
+        want,
+        "resumed losses differ from the uninterrupted run"
+    );
+}
+
+#[test]
+fn sigkill_at_any_point_then_resume_matches_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, want) = uninterrupted_run(dir.path());
+    for (i, kill_after) in [2usize, 7, 11].into_iter().enumerate() {
+        let run = dir.path().join(format!("run{i}"));
+        let run_arg = run.to_str().unwrap().to_string();
+        let mut child = spawn(&config, &["--run-dir", &run_arg]);
+        wait_for_records(&mut child, &run.join("metrics.jsonl"), kill_after);
+        // A little later than the record, to land inside other work too
+        // (checkpoint writes included) at different points.
+        std::thread::sleep(Duration::from_millis(7 * i as u64));
+        // SAFETY: killing our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        child.wait().unwrap();
+        let out = train(&config, &["--resume", &run_arg]);
+        if !out.status.success() {
+            // Killed before the first checkpoint: nothing to resume, so the
+            // run must say so; starting it again gives the same run.
+            let msg = text(&out);
+            assert!(msg.contains("no valid checkpoint"), "{msg}");
+            let out = train(&config, &["--run-dir", &run_arg, "--force"]);
+            assert!(out.status.success(), "{}", text(&out));
+        }
+        assert_eq!(
+            losses(&run),
+            want,
+            "kill after {kill_after} records: losses differ"
+        );
+    }
+}
