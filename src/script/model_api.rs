@@ -192,6 +192,18 @@ pub mod model_module {
         Ok(Model::new(enc))
     }
 
+    /// A trained model: an lcasr checkpoint or run directory (its newest
+    /// checkpoint), a reference `.pt` file, or `model.safetensors` of a
+    /// checkpoint; the model config is read from the checkpoint.
+    #[rhai_fn(return_raw)]
+    pub fn load_model(path: &str) -> Result<Model, Box<EvalAltResult>> {
+        let p = session::resolve_path(path)?;
+        let loaded =
+            crate::infer::load::load_model(&p, &crate::infer::load::LoadOptions::default())
+                .script()?;
+        Ok(Model::new(loaded.encoder))
+    }
+
     /// Runs the model on (B, 80, T) features with `lengths` valid frames per
     /// item; dropout and batch statistics follow the train/eval mode.
     #[rhai_fn(pure, return_raw)]
