@@ -5,18 +5,19 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, Context, Result};
 
 use crate::config::{self, Config, LoadOptions, Seed};
 use crate::hash::sha256_hex;
-use crate::run::metrics::MetricsWriter;
+use crate::run::metrics::{read_metrics, MetricsWriter};
 use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
 };
 use crate::run::tensorboard::EventWriter;
+pub use crate::script::run_api::Comparison;
 use crate::script::run_api::RunOutputs;
 use crate::script::{compile, CompileOptions, SessionSetup};
 
@@ -39,6 +40,11 @@ pub struct Experiment {
     /// Extra directories scripts may import from (the entry script's own
     /// directory is always allowed).
     pub import_roots: Vec<PathBuf>,
+    /// The run's seed, overriding the config's (`lcasr reproduce` uses the
+    /// recorded one).
+    pub seed: Option<u64>,
+    /// Another run's metrics.jsonl to compare every logged record with.
+    pub compare_with: Option<PathBuf>,
 }
 
 /// How an experiment ended.
@@ -48,6 +54,8 @@ pub enum Outcome {
     Finished {
         /// The run directory.
         run_dir: PathBuf,
+        /// How the logged records compared with `compare_with`'s.
+        comparison: Option<Comparison>,
     },
     /// Ctrl-C stopped it; a checkpoint was saved when the script tracks one.
     Interrupted {
@@ -160,7 +168,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         git_commit: git_commit(Path::new(".")),
         command_line: exp.command_line.clone(),
         started_at: now_utc(),
-        seed: resolve_seed(&cfg),
+        seed: exp.seed.unwrap_or_else(|| resolve_seed(&cfg)),
         config_sha256: cfg.canonical_hash(),
         scripts: script_names(&compiled.name, &compiled.sources)
             .into_iter()
@@ -168,6 +176,10 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
             .collect(),
         tokenizer_sha256: tokenizer.as_deref().and_then(file_hash),
         data_manifest_sha256: file_hash(Path::new(&cfg.data.path)),
+        entry_script: script_names(&compiled.name, &compiled.sources)
+            .into_iter()
+            .map(|(name, _)| name)
+            .find(|name| Path::new(&compiled.name).file_name() == Some(name.as_ref())),
         resumes: Vec::new(),
     };
     let store = dir.checkpoints(cfg.checkpointing.keep_last as usize);
@@ -220,7 +232,12 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         last_checkpoint_recordings: 0,
         last_checkpoint: None,
         log_calls: 0,
+        comparison: match &exp.compare_with {
+            None => None,
+            Some(path) => Some(Arc::new(Mutex::new(Comparison::new(read_metrics(path)?)))),
+        },
     };
+    let comparison = outputs.comparison.clone();
     let setup = SessionSetup {
         seed: record.seed,
         config: Some(cfg),
@@ -230,7 +247,10 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     };
     let run_dir = dir.root().to_path_buf();
     match compiled.run(setup) {
-        Ok(()) => Ok(Outcome::Finished { run_dir }),
+        Ok(()) => Ok(Outcome::Finished {
+            run_dir,
+            comparison: comparison.map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+        }),
         Err(f) if f.interrupted => Ok(Outcome::Interrupted { run_dir }),
         Err(f) => Err(ExperimentError::Script(f.message)),
     }
@@ -262,4 +282,90 @@ fn script_names(
             (rel.display().to_string(), text.clone())
         })
         .collect()
+}
+
+/// What `lcasr reproduce` found.
+#[derive(Debug)]
+pub struct Reproduction {
+    /// Differences between the recorded hashes and the files now (config,
+    /// scripts, tokenizer, data), stated before running.
+    pub mismatches: Vec<String>,
+    /// The new run directory.
+    pub run_dir: PathBuf,
+    /// How its records compared with the original's (None if stopped by Ctrl-C).
+    pub comparison: Option<Comparison>,
+}
+
+/// Re-runs the run in `original` from its recorded scripts, config and seed
+/// into `into` (default: `<original>-reproduce`), stating first where the
+/// recorded hashes no longer match the files, and comparing every logged
+/// record with the original's as it goes.
+pub fn reproduce(
+    original: &Path,
+    into: Option<PathBuf>,
+    mode: StartMode,
+    command_line: Vec<String>,
+    on_mismatch: &dyn Fn(&str),
+) -> Result<Reproduction, ExperimentError> {
+    let dir = RunDir::open(original)?;
+    let recorded = dir.read_record()?;
+    let entry = recorded.entry_script.clone().ok_or_else(|| {
+        anyhow!(
+            "{}: manifest.json does not name the entry script (recorded by an older lcasr)",
+            original.display()
+        )
+    })?;
+    let config_path = dir.config_path();
+    let cfg = config::load_file(&config_path, &LoadOptions::default())
+        .map_err(ExperimentError::Config)?
+        .config;
+    let scripts_dir = dir.scripts_dir();
+    let mut scripts = std::collections::BTreeMap::new();
+    for name in recorded.scripts.keys() {
+        if let Some(h) = file_hash(&scripts_dir.join(name)) {
+            scripts.insert(name.clone(), h);
+        }
+    }
+    let current = RunRecord {
+        config_sha256: cfg.canonical_hash(),
+        scripts,
+        tokenizer_sha256: cfg
+            .data
+            .tokenizer
+            .as_deref()
+            .map(Path::new)
+            .and_then(file_hash),
+        data_manifest_sha256: file_hash(Path::new(&cfg.data.path)),
+        ..recorded.clone()
+    };
+    let mismatches = compare_records(&recorded, &current);
+    for m in &mismatches {
+        on_mismatch(m);
+    }
+    let run_dir = into.unwrap_or_else(|| {
+        let mut name = original.as_os_str().to_os_string();
+        name.push("-reproduce");
+        PathBuf::from(name)
+    });
+    let exp = Experiment {
+        script: scripts_dir.join(&entry),
+        config: config_path,
+        overrides: Vec::new(),
+        strict: false,
+        run_dir: Some(run_dir.clone()),
+        mode,
+        command_line,
+        import_roots: vec![scripts_dir],
+        seed: Some(recorded.seed),
+        compare_with: Some(dir.metrics_path()),
+    };
+    let comparison = match run(&exp)? {
+        Outcome::Finished { comparison, .. } => comparison,
+        Outcome::Interrupted { .. } => None,
+    };
+    Ok(Reproduction {
+        mismatches,
+        run_dir,
+        comparison,
+    })
 }

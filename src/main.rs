@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lcasr::config::{self, ConfigError, LoadOptions};
 use lcasr::experiment::{self, Experiment, ExperimentError, Outcome};
+use lcasr::infer::longform::{ContextOptions, LongformMode};
+use lcasr::infer::transcribe::TranscriptFormat;
 use lcasr::run::run_dir::StartMode;
 
 /// Train and run long-context Conformer-CTC speech recognisers.
@@ -31,6 +33,8 @@ enum Command {
     Eval(EvalArgs),
     /// Transcribe audio files, with word timestamps.
     Transcribe(TranscribeArgs),
+    /// Draw PNG charts of a run's metrics into its plots/ folder.
+    Plot(PlotArgs),
     /// Inspect configs.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -110,30 +114,116 @@ struct PrepareArgs {
     mix_channels: bool,
 }
 
+/// Where the model's config and tokenizer come from when the checkpoint does
+/// not hold them.
+#[derive(Args)]
+struct ModelArgs {
+    /// A YAML file whose `model:` section describes the network (default: the
+    /// config saved with the checkpoint).
+    #[arg(long, value_name = "YAML")]
+    config: Option<PathBuf>,
+    /// The tokenizer, `.json` or SentencePiece `.model` (default: the one saved
+    /// with the checkpoint).
+    #[arg(long, value_name = "FILE")]
+    tokenizer: Option<PathBuf>,
+}
+
+/// How much of a recording the model sees at once.
+#[derive(Args)]
+struct LongformArgs {
+    /// Overlap of consecutive windows, as a fraction of the window in [0, 1).
+    #[arg(long, default_value_t = lcasr::infer::longform::DEFAULT_OVERLAP, value_parser = parse_overlap)]
+    overlap: f64,
+    /// How the posteriors of overlapping windows are merged.
+    #[arg(long, value_enum, default_value_t = LongformMode::AveragedMovingWindow)]
+    mode: LongformMode,
+}
+
 #[derive(Args)]
 struct EvalArgs {
-    /// The checkpoint (lcasr safetensors or a reference .pt file).
+    /// The model: a run directory (its latest checkpoint), a checkpoint
+    /// directory, a reference .pt file or a .safetensors file.
     checkpoint: PathBuf,
-    /// The manifest of recordings to score.
+    /// The manifest of recordings to score (written by `lcasr prepare`).
     manifest: PathBuf,
-    /// Context lengths, e.g. `10s,80s,20m` or frames.
-    #[arg(long, value_delimiter = ',')]
-    context: Vec<String>,
+    /// Context lengths, comma-separated: durations (`10s`, `80s`, `1.5m`, `20m`,
+    /// `1h`), numbers of 10 ms frames (`1024`), or `full` (the whole recording).
+    #[arg(long, value_delimiter = ',', default_value = "full", value_parser = parse_context_arg)]
+    context: Vec<ContextArg>,
+    #[command(flatten)]
+    longform: LongformArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where to write eval.json and wer_vs_context.png (default: `eval-<name>`
+    /// inside the checkpoint when it is a run directory, else in the current
+    /// directory; <name> is the manifest's stem, or its folder's name for
+    /// manifest.json).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
 struct TranscribeArgs {
-    /// The checkpoint (lcasr safetensors or a reference .pt file).
+    /// The model: a run directory (its latest checkpoint), a checkpoint
+    /// directory, a reference .pt file or a .safetensors file.
     checkpoint: PathBuf,
-    /// Audio files (WAV, FLAC, MP3, OGG).
+    /// Audio files (WAV, FLAC, MP3, Ogg Vorbis; any sample rate).
     #[arg(required = true)]
     audio: Vec<PathBuf>,
+    /// The context length: a duration (`80s`, `20m`), a number of 10 ms
+    /// frames, or `full` (the whole recording at once).
+    #[arg(long, default_value = "80s", value_parser = parse_context_arg)]
+    context: ContextArg,
+    #[command(flatten)]
+    longform: LongformArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// What to write: the text alone, or JSON with word timestamps, SubRip or
+    /// WebVTT subtitles.
+    #[arg(long, value_enum, default_value_t = TranscriptFormat::Text)]
+    format: TranscriptFormat,
+    /// Write each transcript to `<audio stem>.<txt|json|srt|vtt>` in this
+    /// directory (default: text is printed, other formats go to the current
+    /// directory).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    /// The run directory; charts of its metrics.jsonl (loss, learning rate,
+    /// chunk length, gradient norm, WER) are written to <RUN_DIR>/plots/.
+    run_dir: PathBuf,
+}
+
+/// A parsed context length: a window in input frames, `None` for the whole
+/// recording.
+#[derive(Clone, Copy)]
+struct ContextArg(Option<usize>);
+
+fn parse_context_arg(s: &str) -> Result<ContextArg, String> {
+    lcasr::infer::parse_context(s)
+        .map(ContextArg)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_overlap(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected a fraction in [0, 1), got `{s}`")),
+    }
 }
 
 #[derive(Args)]
 struct ReproduceArgs {
     /// The run directory to reproduce.
     run: PathBuf,
+    /// Where the new run goes (default: `<run>-reproduce`).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
+    /// Replace the new run directory if it exists.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -188,13 +278,14 @@ fn main() -> ExitCode {
             &args.run,
         ),
         Command::Prepare(args) => prepare(&args),
-        Command::Eval(_) => not_yet("eval", "decoding and long-form evaluation"),
-        Command::Transcribe(_) => not_yet("transcribe", "decoding and long-form evaluation"),
+        Command::Eval(args) => eval(&args),
+        Command::Transcribe(args) => transcribe(&args),
+        Command::Plot(args) => plot(&args),
         Command::ApiDocs => {
             print!("{}", lcasr::script::docs::api_markdown());
             ExitCode::SUCCESS
         }
-        Command::Reproduce(_) => not_yet("reproduce", "run directories"),
+        Command::Reproduce(args) => reproduce(&args),
     }
 }
 
@@ -290,6 +381,133 @@ fn tokenizer_train(args: &TokenizerTrainArgs) -> ExitCode {
     }
 }
 
+fn eval(args: &EvalArgs) -> ExitCode {
+    use lcasr::infer::eval::{default_report_dir, evaluate, format_table, write_report};
+
+    let contexts: Vec<ContextOptions> = args
+        .context
+        .iter()
+        .map(|c| args.longform.options(c.0))
+        .collect();
+    let result = args.model.load(&args.checkpoint).and_then(|model| {
+        let report = evaluate(&model, &args.manifest, &contexts, true)?;
+        print!("{}", format_table(&report));
+        let out = args
+            .out
+            .clone()
+            .unwrap_or_else(|| default_report_dir(&args.checkpoint, &args.manifest));
+        write_report(&report, &out)
+    });
+    match result {
+        Ok([json, png]) => {
+            println!("wrote {} and {}", json.display(), png.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn transcribe(args: &TranscribeArgs) -> ExitCode {
+    match transcribe_files(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Transcribes every file of `args` in turn, printing or writing each
+/// transcript as soon as it is ready.
+fn transcribe_files(args: &TranscribeArgs) -> anyhow::Result<()> {
+    use lcasr::infer::transcribe::{output_paths, transcribe_with_progress};
+
+    let opts = args.longform.options(args.context.0);
+    let outputs = match (&args.out, args.format) {
+        (None, TranscriptFormat::Text) => None,
+        (out, format) => {
+            let dir = out.clone().unwrap_or_else(|| PathBuf::from("."));
+            Some(output_paths(&args.audio, &dir, format.extension())?)
+        }
+    };
+    let model = args.model.load(&args.checkpoint)?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            anyhow::anyhow!("cannot create output directory {}: {e}", dir.display())
+        })?;
+    }
+    let bar = indicatif::ProgressBar::new(1).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} windows of {msg}")
+            .expect("valid template"),
+    );
+    for (i, audio) in args.audio.iter().enumerate() {
+        bar.set_message(audio.display().to_string());
+        let transcript = transcribe_with_progress(&model, audio, &opts, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        let text = transcript.render(args.format);
+        bar.suspend(|| match &outputs {
+            Some(paths) => {
+                lcasr::fsutil::write_atomic(&paths[i], text.as_bytes())?;
+                println!("wrote {}", paths[i].display());
+                anyhow::Ok(())
+            }
+            None if args.audio.len() > 1 => {
+                print!("{}: {text}", audio.display());
+                Ok(())
+            }
+            None => {
+                print!("{text}");
+                Ok(())
+            }
+        })?;
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn plot(args: &PlotArgs) -> ExitCode {
+    match lcasr::run::plot::plot_run_dir(&args.run_dir) {
+        Ok(files) => {
+            for f in files {
+                println!("wrote {}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl ModelArgs {
+    /// Loads the model at `checkpoint` on the CPU.
+    fn load(&self, checkpoint: &std::path::Path) -> anyhow::Result<lcasr::infer::LoadedModel> {
+        let opts = lcasr::infer::LoadOptions {
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            ..Default::default()
+        };
+        lcasr::infer::load_model(checkpoint, &opts)
+    }
+}
+
+impl LongformArgs {
+    /// The context options for a window of `window` frames.
+    fn options(&self, window: Option<usize>) -> ContextOptions {
+        ContextOptions {
+            window,
+            overlap: self.overlap,
+            mode: self.mode,
+        }
+    }
+}
+
 /// Exit status of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
 const EXIT_INTERRUPTED: u8 = 130;
 
@@ -316,9 +534,11 @@ fn experiment(
         mode,
         command_line: std::env::args().collect(),
         import_roots: vec![PathBuf::from("scripts")],
+        seed: None,
+        compare_with: None,
     };
     match experiment::run(&exp) {
-        Ok(Outcome::Finished { run_dir }) => {
+        Ok(Outcome::Finished { run_dir, .. }) => {
             eprintln!("Run directory: {}", run_dir.display());
             ExitCode::SUCCESS
         }
@@ -331,6 +551,55 @@ fn experiment(
             );
             ExitCode::from(EXIT_INTERRUPTED)
         }
+        Err(ExperimentError::Config(e)) => config_error(&e),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn reproduce(args: &ReproduceArgs) -> ExitCode {
+    let mode = if args.force {
+        StartMode::Force
+    } else {
+        StartMode::New
+    };
+    let result = experiment::reproduce(
+        &args.run,
+        args.run_dir.clone(),
+        mode,
+        std::env::args().collect(),
+        &|m| eprintln!("warning: not as recorded: {m}"),
+    );
+    match result {
+        Ok(r) => match r.comparison {
+            Some(c) => match c.first_divergence {
+                None if c.compared == c.original_records() => {
+                    eprintln!(
+                        "Reproduced exactly: all {} records match {} (new run: {}).",
+                        c.compared,
+                        args.run.display(),
+                        r.run_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!(
+                        "The {} records logged match, but the original has {} (new run: {}).",
+                        c.compared,
+                        c.original_records(),
+                        r.run_dir.display()
+                    );
+                    ExitCode::FAILURE
+                }
+                Some(d) => {
+                    eprintln!("Not reproduced: {d} (new run: {}).", r.run_dir.display());
+                    ExitCode::FAILURE
+                }
+            },
+            None => ExitCode::from(EXIT_INTERRUPTED),
+        },
         Err(ExperimentError::Config(e)) => config_error(&e),
         Err(e) => {
             eprintln!("{e}");
@@ -361,11 +630,6 @@ fn resume_command(args: &[String]) -> String {
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(EXIT_BAD_INPUT)
-}
-
-fn not_yet(command: &str, part: &str) -> ExitCode {
-    eprintln!("error: `lcasr {command}` is not yet implemented (it arrives with {part})");
-    ExitCode::FAILURE
 }
 
 /// Panics are bugs: report them in one line, never with a Rust backtrace.

@@ -211,23 +211,17 @@ fn channel_sums(
             }
             acc
         })
-        .fold(
-            || vec![0.0f64; c],
-            |mut total, part| {
-                total
-                    .iter_mut()
-                    .zip(&part)
-                    .for_each(|(t, p)| *t += *p as f64);
-                total
-            },
-        )
-        .reduce(
-            || vec![0.0f64; c],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(u, v)| *u += v);
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        // Summed in task order, so the result never depends on how the
+        // thread pool split the work (training must be bit-reproducible).
+        .into_iter()
+        .fold(vec![0.0f64; c], |mut total, part| {
+            total
+                .iter_mut()
+                .zip(&part)
+                .for_each(|(t, p)| *t += *p as f64);
+            total
+        })
 }
 
 /// Per-channel mean and sqrt(biased variance) over the counted positions.
@@ -379,20 +373,15 @@ impl CustomOp3 for Renorm {
                         bwd_rows(xc, dyc, dxc, &coefs, &mut dw, &mut db);
                         (dw, db)
                     })
+                    .collect::<Vec<_>>()
+                    // In task order: deterministic whatever the thread pool did.
+                    .into_iter()
                     .fold(
-                        || (vec![0.0f64; c], vec![0.0f64; c]),
+                        (vec![0.0f64; c], vec![0.0f64; c]),
                         |(mut tw, mut tb), (pw, pb)| {
                             tw.iter_mut().zip(&pw).for_each(|(t, p)| *t += *p as f64);
                             tb.iter_mut().zip(&pb).for_each(|(t, p)| *t += *p as f64);
                             (tw, tb)
-                        },
-                    )
-                    .reduce(
-                        || (vec![0.0f64; c], vec![0.0f64; c]),
-                        |(mut a1, mut b1), (a2, b2)| {
-                            a1.iter_mut().zip(&a2).for_each(|(p, q)| *p += q);
-                            b1.iter_mut().zip(&b2).for_each(|(p, q)| *p += q);
-                            (a1, b1)
                         },
                     );
                 if let Some(info) = &self.batch {

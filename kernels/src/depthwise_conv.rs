@@ -7,6 +7,9 @@ use rayon::prelude::*;
 use crate::cpu_f32::{check_f32, cpu_slice, multiversion, with_f32};
 
 /// Time steps handled by one rayon task.
+/// Most tasks the weight gradient is split into (each holds a partial sum).
+const WEIGHT_GRAD_PARTS: usize = 32;
+
 const ROWS_PER_TASK: usize = 32;
 
 /// Depthwise conv1d: `x` (B, T, C), `weight` (C, K) with K odd, `bias` (C).
@@ -158,19 +161,27 @@ impl CustomOp3 for DepthwiseConv1d {
         let (dx, dwt, db) = with_f32(x, op, |x| {
             with_f32(grad, op, |dy| {
                 let mut dx = vec![0.0f32; x.len()];
+                // A fixed split into at most WEIGHT_GRAD_PARTS tasks whose
+                // partial weight gradients are summed in task order, so the
+                // result never depends on the thread pool's scheduling.
+                let rows = x.len() / c;
+                let per_task = rows
+                    .div_ceil(WEIGHT_GRAD_PARTS)
+                    .div_ceil(ROWS_PER_TASK)
+                    .max(1)
+                    * ROWS_PER_TASK;
                 let (dwt, db) = dx
-                    .par_chunks_mut(c * ROWS_PER_TASK)
+                    .par_chunks_mut(c * per_task)
                     .enumerate()
+                    .map(|(i, dxc)| {
+                        let (mut dwt, mut db) = (vec![0.0f32; k * c], vec![0.0f32; c]);
+                        bwd_rows(x, dy, dxc, &wt, &mut dwt, &mut db, i * per_task, t_len);
+                        (dwt, db)
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
                     .fold(
-                        || (vec![0.0f32; k * c], vec![0.0f32; c]),
-                        |(mut dwt, mut db), (i, dxc)| {
-                            let r0 = i * ROWS_PER_TASK;
-                            bwd_rows(x, dy, dxc, &wt, &mut dwt, &mut db, r0, t_len);
-                            (dwt, db)
-                        },
-                    )
-                    .reduce(
-                        || (vec![0.0f32; k * c], vec![0.0f32; c]),
+                        (vec![0.0f32; k * c], vec![0.0f32; c]),
                         |(mut a, mut b), (a2, b2)| {
                             a.iter_mut().zip(&a2).for_each(|(u, v)| *u += v);
                             b.iter_mut().zip(&b2).for_each(|(u, v)| *u += v);

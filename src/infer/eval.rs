@@ -2,7 +2,8 @@
 //! context lengths (the paper's protocol, reference §9.1 and §9.4): long-form
 //! posteriors per recording, greedy CTC decoding (blank = last class), both
 //! texts through the English normaliser, and corpus WER = Σ errors / Σ
-//! reference words.
+//! reference words. The report is printed as a table and written as JSON with
+//! a chart of WER against context length.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,9 @@ use crate::audio::features::{HOP_LENGTH, SAMPLE_RATE};
 use crate::data::manifest::{Manifest, Recording};
 use crate::data::prepare::load_features;
 use crate::decode::greedy::greedy;
+use crate::fsutil::write_atomic;
+use crate::run::plot::line_chart;
+use crate::run::run_dir::CHECKPOINTS_DIR;
 use crate::text::normalize::normalize_english;
 use crate::text::wer::{count_text_errors, ErrorCounts};
 
@@ -75,6 +79,9 @@ pub struct EvalReport {
     pub model: PathBuf,
     /// The manifest scored.
     pub manifest: PathBuf,
+    /// Duration in seconds of the manifest's longest recording: the context
+    /// that `full` amounts to.
+    pub longest_recording: f64,
     /// One result per requested context, in request order.
     pub per_context: Vec<ContextResult>,
 }
@@ -151,6 +158,7 @@ pub fn evaluate(
     Ok(EvalReport {
         model: model.source.clone(),
         manifest: manifest.to_path_buf(),
+        longest_recording: recordings.iter().map(|r| r.duration).fold(0.0, f64::max),
         per_context,
     })
 }
@@ -291,4 +299,104 @@ pub fn format_table(report: &EvalReport) -> String {
         );
     }
     out
+}
+
+/// File name of the JSON report that [`write_report`] writes.
+pub const REPORT_FILE: &str = "eval.json";
+/// File name of the chart of WER against context that [`write_report`] writes.
+pub const PLOT_FILE: &str = "wer_vs_context.png";
+
+/// Where `lcasr eval` writes its report unless told: `eval-<name>`, inside
+/// `checkpoint` when it is a run directory (it has a `checkpoints/` folder),
+/// otherwise in the current directory. `<name>` is the manifest's file stem,
+/// or its folder's name for a file called `manifest.json`.
+pub fn default_report_dir(checkpoint: &Path, manifest: &Path) -> PathBuf {
+    let stem = manifest
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "manifest".into());
+    let name = match manifest.parent().and_then(Path::file_name) {
+        Some(folder) if stem == "manifest" => folder.to_string_lossy().into_owned(),
+        _ => stem,
+    };
+    let dir = format!("eval-{name}");
+    if checkpoint.join(CHECKPOINTS_DIR).is_dir() {
+        checkpoint.join(dir)
+    } else {
+        PathBuf::from(dir)
+    }
+}
+
+/// Writes the report as [`REPORT_FILE`] and its chart as [`PLOT_FILE`] into
+/// `dir` (created if missing; earlier files are replaced). Returns the two
+/// paths, JSON first.
+pub fn write_report(report: &EvalReport, dir: &Path) -> Result<[PathBuf; 2]> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output directory {}", dir.display()))?;
+    let json = dir.join(REPORT_FILE);
+    write_atomic(&json, format!("{}\n", report.to_json()).as_bytes())?;
+    let png = dir.join(PLOT_FILE);
+    plot_wer_vs_context(report, &png)?;
+    Ok([json, png])
+}
+
+/// Draws corpus WER (%) against context length (seconds) as a PNG at `path`
+/// (its directory must exist): one line per long-form setting (merge mode and
+/// overlap) of the windowed contexts. Whole-recording results sit at the
+/// longest recording's duration, the context they amount to, on every line.
+pub fn plot_wer_vs_context(report: &EvalReport, path: &Path) -> Result<()> {
+    let full: Vec<(f64, f64)> = report
+        .per_context
+        .iter()
+        .filter(|c| c.context_seconds.is_none())
+        .map(|c| (report.longest_recording, c.wer * 100.0))
+        .collect();
+    let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for c in &report.per_context {
+        let Some(seconds) = c.context_seconds else {
+            continue;
+        };
+        let name = format!("{}, overlap {}", mode_name(c.mode), c.overlap);
+        let point = (seconds, c.wer * 100.0);
+        match lines.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, points)) => points.push(point),
+            None => lines.push((name, vec![point])),
+        }
+    }
+    if lines.is_empty() {
+        lines.push(("whole recording".into(), Vec::new()));
+    }
+    for (_, points) in &mut lines {
+        points.extend_from_slice(&full);
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let x_label = if full.is_empty() {
+        "context (s)".to_string()
+    } else {
+        format!(
+            "context (s); full = the longest recording, {}",
+            format_context(Some(
+                (report.longest_recording * FRAMES_PER_SECOND as f64).round() as usize
+            ))
+        )
+    };
+    let series: Vec<(&str, Vec<(f64, f64)>)> = lines
+        .iter()
+        .map(|(name, points)| (name.as_str(), points.clone()))
+        .collect();
+    line_chart(
+        path,
+        "Word error rate against context length",
+        &x_label,
+        "WER (%)",
+        &series,
+    )
+}
+
+/// The reference's name of a long-form mode.
+fn mode_name(mode: LongformMode) -> &'static str {
+    match mode {
+        LongformMode::AveragedMovingWindow => "averaged_moving_window",
+        LongformMode::Buffered => "buffered",
+    }
 }

@@ -20,8 +20,9 @@ pub const DEFAULT_OVERLAP: f64 = 0.875;
 
 /// How the windows' posteriors are merged. Serialised and parsed under the
 /// reference's mode names, `averaged_moving_window` and `buffered`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum LongformMode {
     /// Average the probabilities of every window covering a frame (§9.1; the
     /// paper's protocol).

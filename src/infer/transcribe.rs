@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use super::load::LoadedModel;
@@ -43,6 +43,75 @@ impl Transcript {
     pub fn to_vtt(&self) -> String {
         to_vtt(&cues(&self.words, &CueOptions::default()))
     }
+}
+
+/// The ways a transcript can be written out (see [`Transcript::render`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TranscriptFormat {
+    /// The text alone, one line.
+    Text,
+    /// JSON: the text and every word with its start and end in seconds.
+    Json,
+    /// SubRip subtitles.
+    Srt,
+    /// WebVTT subtitles.
+    Vtt,
+}
+
+impl TranscriptFormat {
+    /// The file extension of the format (`txt` for text).
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Text => "txt",
+            Self::Json => "json",
+            Self::Srt => "srt",
+            Self::Vtt => "vtt",
+        }
+    }
+}
+
+impl Transcript {
+    /// The transcript in `format`, ending in a newline: the text,
+    /// [`Transcript::to_json`], [`Transcript::to_srt`] or [`Transcript::to_vtt`].
+    pub fn render(&self, format: TranscriptFormat) -> String {
+        let mut out = match format {
+            TranscriptFormat::Text => self.text.clone(),
+            TranscriptFormat::Json => self.to_json(),
+            TranscriptFormat::Srt => self.to_srt(),
+            TranscriptFormat::Vtt => self.to_vtt(),
+        };
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Where the transcripts of `audio` go: `<file stem>.<extension>` each, in
+/// `out_dir`. Two inputs with the same stem would overwrite each other's
+/// transcript, which is an error naming both.
+pub fn output_paths(audio: &[PathBuf], out_dir: &Path, extension: &str) -> Result<Vec<PathBuf>> {
+    let mut paths: Vec<PathBuf> = Vec::with_capacity(audio.len());
+    for file in audio {
+        let mut name = file
+            .file_stem()
+            .ok_or_else(|| anyhow!("{}: not a file name", file.display()))?
+            .to_os_string();
+        name.push(".");
+        name.push(extension);
+        let path = out_dir.join(name);
+        if let Some(i) = paths.iter().position(|p| *p == path) {
+            bail!(
+                "{} and {} would both be written to {}: transcribe them into different --out \
+                 directories",
+                audio[i].display(),
+                file.display(),
+                path.display()
+            );
+        }
+        paths.push(path);
+    }
+    Ok(paths)
 }
 
 /// Transcribes `audio` at the context of `opts`.

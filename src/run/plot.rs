@@ -19,6 +19,7 @@ use plotters::style::register_font;
 use serde_json::Value;
 
 use super::metrics::read_metrics;
+use super::run_dir::{METRICS_FILE, PLOTS_DIR};
 
 /// Width and height in pixels of every chart written by this module.
 pub const PLOT_SIZE: (u32, u32) = (1000, 600);
@@ -173,6 +174,25 @@ pub fn plot_run(metrics: &Path, out_dir: &Path) -> anyhow::Result<Vec<PathBuf>> 
         written.push(path);
     }
     Ok(written)
+}
+
+/// `lcasr plot`: charts the metrics of the run directory `run` into its
+/// `plots/` folder with [`plot_run`]; returns the files written.
+pub fn plot_run_dir(run: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !run.is_dir() {
+        bail!(
+            "run directory not found: {} is not a directory",
+            run.display()
+        );
+    }
+    let metrics = run.join(METRICS_FILE);
+    if !metrics.is_file() {
+        bail!(
+            "{}: not a run directory, or a run that has logged nothing yet: {METRICS_FILE} is missing",
+            run.display()
+        );
+    }
+    plot_run(&metrics, &run.join(PLOTS_DIR))
 }
 
 /// Writes a PNG line chart of `series` (name, points) to `path`, with a

@@ -69,6 +69,9 @@ pub struct RunRecord {
     pub config_sha256: String,
     /// Script name relative to `scripts/` → sha256 of its source.
     pub scripts: BTreeMap<String, String>,
+    /// The entry script's name in `scripts/` (the one the run executed).
+    #[serde(default)]
+    pub entry_script: Option<String>,
     /// sha256 of the tokenizer file, when the run uses one.
     pub tokenizer_sha256: Option<String>,
     /// sha256 of the training data manifest, when the run uses one.

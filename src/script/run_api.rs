@@ -43,6 +43,78 @@ pub struct RunOutputs {
     pub last_checkpoint: Option<PathBuf>,
     /// Log calls so far (the step of records when no optimizer is tracked).
     pub log_calls: u64,
+    /// Another run's records to compare each logged record with.
+    pub comparison: Option<Arc<Mutex<Comparison>>>,
+}
+
+/// A record-by-record comparison of a run's metrics with another run's.
+#[derive(Clone, Debug, Default)]
+pub struct Comparison {
+    original: Vec<Value>,
+    /// Records compared so far.
+    pub compared: usize,
+    /// The first record that differed, described.
+    pub first_divergence: Option<String>,
+}
+
+impl Comparison {
+    /// A comparison against `original`'s records.
+    pub fn new(original: Vec<Value>) -> Self {
+        Comparison {
+            original,
+            compared: 0,
+            first_divergence: None,
+        }
+    }
+
+    /// Records of the original run.
+    pub fn original_records(&self) -> usize {
+        self.original.len()
+    }
+
+    /// Compares the next record; describes the first divergence.
+    fn check(&mut self, record: &Value) {
+        // Compare what the files hold: the record as written and read back
+        // (JSON number parsing may round differently from the f64 in memory).
+        let record = &serde_json::to_string(record)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .unwrap_or_else(|| record.clone());
+        let index = self.compared;
+        self.compared += 1;
+        if self.first_divergence.is_some() {
+            return;
+        }
+        let step = record.get("step").cloned().unwrap_or(Value::Null);
+        let text = match self.original.get(index) {
+            None => format!(
+                "record {} (step {step}) is past the original's end",
+                index + 1
+            ),
+            Some(want) if want == record => return,
+            Some(want) => {
+                let keys: Vec<String> = record
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, v)| want.get(k.as_str()) != Some(v))
+                    .map(|(k, v)| {
+                        format!(
+                            "{k}: original {}, now {v}",
+                            want.get(k.as_str()).unwrap_or(&Value::Null)
+                        )
+                    })
+                    .collect();
+                format!(
+                    "record {} (step {step}) differs: {}",
+                    index + 1,
+                    keys.join("; ")
+                )
+            }
+        };
+        eprintln!("reproduce: first divergence: {text}");
+        self.first_divergence = Some(text);
+    }
 }
 
 /// The objects a checkpoint saves and a resume restores.
@@ -383,6 +455,9 @@ pub mod run_module {
                 }
             }
             run.metrics.write(&value).script()?;
+            if let Some(c) = &run.comparison {
+                c.lock().unwrap_or_else(|e| e.into_inner()).check(&value);
+            }
             Ok(())
         })
     }
