@@ -234,29 +234,43 @@ fn uninterrupted_run(dir: &Path) -> (PathBuf, Vec<(u64, String)>) {
 fn ctrl_c_checkpoints_and_resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let (config, want) = uninterrupted_run(dir.path());
+    // After 2 records the run stops inside the batch in which the LR warmup
+    // ends (resuming must not restart the cosine phase there); after 5, in a
+    // later one.
+    for stop_after in [2usize, 5] {
+        let run = dir.path().join(format!("run{stop_after}"));
+        let run_arg = run.to_str().unwrap().to_string();
+        let mut child = spawn(&config, &["--run-dir", &run_arg]);
+        wait_for_records(&mut child, &run.join("metrics.jsonl"), stop_after);
+        // SAFETY: sending SIGINT to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().unwrap();
+        let msg = text(&out);
+        assert_eq!(out.status.code(), Some(130), "{msg}");
+        assert!(
+            msg.contains("Resume with:") && msg.contains(&format!("--resume {run_arg}")),
+            "{msg}"
+        );
+        assert!(run.join("checkpoints/latest").exists());
+        assert!(losses(&run).len() < want.len(), "the run stopped early");
 
-    let run = dir.path().join("run");
-    let mut child = spawn(&config, &[]);
-    wait_for_records(&mut child, &run.join("metrics.jsonl"), 5);
-    // SAFETY: sending SIGINT to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
-    let msg = text(&out);
-    assert_eq!(out.status.code(), Some(130), "{msg}");
-    assert!(
-        msg.contains("Resume with:") && msg.contains(&format!("--resume {}", run.display())),
-        "{msg}"
-    );
-    assert!(run.join("checkpoints/latest").exists());
-    assert!(losses(&run).len() < want.len(), "the run stopped early");
-
-    let out = train(&config, &["--resume", run.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(
-        losses(&run),
-        want,
-        "resumed losses differ from the uninterrupted run"
-    );
+        let out = train(&config, &["--resume", &run_arg]);
+        assert!(out.status.success(), "{}", text(&out));
+        let got: Vec<_> = read_metrics(&run.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
+            .collect();
+        let expected: Vec<_> = read_metrics(&dir.path().join("reference/metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
+            .collect();
+        assert_eq!(
+            got, expected,
+            "stopped after {stop_after}: resumed records differ"
+        );
+    }
 }
 
 #[test]

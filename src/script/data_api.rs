@@ -405,6 +405,23 @@ pub mod data_module {
         })
     }
 
+    /// The id of recording `i` (manifest order).
+    #[rhai_fn(pure, return_raw)]
+    pub fn id(d: &mut Dataset, i: i64) -> Result<String, Box<EvalAltResult>> {
+        let inner = d.lock();
+        let recs = &inner.data.manifest().recordings;
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| recs.get(i))
+            .map(|r| r.id.clone())
+            .ok_or_else(|| {
+                script_error(format!(
+                    "id({i}): the dataset has {} recordings",
+                    recs.len()
+                ))
+            })
+    }
+
     /// The transcript of recording `i`.
     #[rhai_fn(pure, return_raw)]
     pub fn transcript(d: &mut Dataset, i: i64) -> Result<String, Box<EvalAltResult>> {

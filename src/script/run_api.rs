@@ -390,6 +390,17 @@ pub mod run_module {
         }
     }
 
+    /// Names the objects (and the script's `state` map) that Ctrl-C saves,
+    /// without writing a checkpoint: call it whenever `state` changes.
+    #[rhai_fn(return_raw)]
+    pub fn track(objects: Map) -> Result<(), Box<EvalAltResult>> {
+        let t = tracked_from(&objects, "track()")?;
+        session::with(|s| {
+            s.tracked = Some(t);
+            Ok(())
+        })
+    }
+
     /// Saves a checkpoint of `#{ model, optimizer, lr, seq, data, state }`
     /// into the run directory (atomically; older ones beyond the kept number
     /// are removed) and returns its path.

@@ -36,6 +36,10 @@ pub struct LrScheduleState {
     /// The LR the next optimizer step uses (saved as an exact decimal string).
     #[serde(with = "super::exact_f64")]
     pub lr: f64,
+    /// `recordings_done` of the last `start_batch` call: a second call for
+    /// the same batch (a run resumed inside it) changes nothing.
+    #[serde(default)]
+    pub batch_started_at: u64,
 }
 
 /// Cosine decay with linear warmup; see the module documentation.
@@ -74,6 +78,7 @@ impl CosineWarmup {
                 in_warmup: true,
                 p0: 0,
                 lr: 0.0,
+                batch_started_at: 0,
             },
         };
         s.state.lr = s.warmup_lr(0);
@@ -97,7 +102,13 @@ impl CosineWarmup {
 
     /// Call at the start of a batch, with `recordings_done` already including it.
     /// Ends the warmup once `t >= warmup_steps`; the LR stays until the next update.
+    /// Calling it again for the same batch (a run resumed inside the batch)
+    /// changes nothing.
     pub fn start_batch(&mut self, recordings_done: u64) {
+        if recordings_done == self.state.batch_started_at {
+            return;
+        }
+        self.state.batch_started_at = recordings_done;
         if self.unit == DecayUnit::Recordings && self.state.in_warmup {
             self.state.in_warmup = self.state.t < self.warmup_steps;
             if !self.state.in_warmup {
