@@ -5,24 +5,14 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use lcasr::config::{self, LoadOptions};
-use lcasr::data::batching::{epoch_batches, epoch_seed};
-use lcasr::data::dataset::Dataset;
-use lcasr::model::{Encoder, ForwardOptions};
 use lcasr::run::metrics::read_metrics;
-use lcasr::text::tokenizer::Tokenizer;
-use lcasr::train::clip::{clip_grad_norm, grads_are_finite};
-use lcasr::train::loss::{ctc, Reduction};
-use lcasr::train::lr_schedule::{CosineWarmup, DecayUnit};
-use lcasr::train::optimizer::{collect_params, DecayGroups, OptimizerConfig};
-use lcasr::train::rng::RunRng;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,82 +48,14 @@ fn final_weights(run: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-/// The training loop of scripts/train.rhai written as direct library calls
-/// (no SpecAugment, one chunk per step); returns the final parameters.
+/// The final parameters of the direct-call baseline (lcasr::train::direct).
 fn train_directly(config: &Path) -> HashMap<String, Tensor> {
     let cfg = config::load_file(config, &LoadOptions::default())
         .unwrap()
         .config;
-    let seed = match cfg.training.random_seed {
-        config::Seed::Fixed(s) => s,
-        config::Seed::Random => unreachable!(),
-    };
-    let mut rng = RunRng::new(seed);
-    let tok =
-        Arc::new(Tokenizer::from_file(Path::new(cfg.data.tokenizer.as_ref().unwrap())).unwrap());
-    let data = Dataset::open(Path::new(&cfg.data.path), Arc::clone(&tok)).unwrap();
-    let model = Encoder::init(&cfg.model, tok.vocab_size(), 12345, &Device::Cpu).unwrap();
-    let args = serde_json::to_value(&cfg.optimizer.args).unwrap();
-    let oc = OptimizerConfig::from_args("madgrad", &args).unwrap();
-    let mut opt = oc.build();
-    let params = collect_params(
-        model.params().iter().map(|(k, v)| (k.clone(), v.clone())),
-        DecayGroups::Conventional,
-    );
-    let n = data.manifest().recordings.len();
-    let epochs = cfg.training.max_epochs;
-    let mut lr = CosineWarmup::new(
-        oc.lr,
-        0.0,
-        cfg.scheduler.warmup_steps,
-        n as u64 * epochs,
-        DecayUnit::Recordings,
-    )
-    .unwrap();
-    let chunk = cfg.audio_chunking.size as usize;
-    let bs = cfg.training.batch_size as usize;
-    let blank = tok.vocab_size() as u32;
-    let mut recordings_seen = 0u64;
-    for epoch in 0..epochs {
-        let keyed: Vec<(String, f64)> = data
-            .manifest()
-            .recordings
-            .iter()
-            .map(|r| (r.id.clone(), r.duration))
-            .collect();
-        let seen: BTreeSet<usize> = BTreeSet::new();
-        let seed_e = epoch_seed(seed, epoch) ^ seen.len() as u64;
-        for batch in epoch_batches(&keyed, seed_e, bs) {
-            lr.start_batch(recordings_seen + batch.len() as u64);
-            for planned in data.plan(&batch, chunk).unwrap() {
-                let c = data.load(&batch, &planned).unwrap();
-                let opts = ForwardOptions {
-                    train: true,
-                    dropout_seed: rng.stream("dropout").next_u64(),
-                    ..Default::default()
-                };
-                let out = model.forward(&c.features, Some(&c.lengths), &opts).unwrap();
-                let loss = ctc(
-                    &out.logits,
-                    &c.targets,
-                    &out.lengths,
-                    blank,
-                    Reduction::Sum,
-                    false,
-                )
-                .unwrap();
-                let scaled = (&loss * (100.0 / (chunk * bs) as f64)).unwrap();
-                let mut grads = scaled.backward().unwrap();
-                clip_grad_norm(&params, &mut grads, cfg.training.clip_value).unwrap();
-                assert!(grads_are_finite(&params, &grads).unwrap());
-                opt.step(&params, &grads, lr.lr()).unwrap();
-                lr.after_optimizer_step();
-            }
-            recordings_seen += batch.len() as u64;
-            lr.end_batch(recordings_seen);
-        }
-    }
-    model
+    let run = lcasr::train::direct::train(&cfg).unwrap();
+    assert!(run.steps > 0 && run.losses.iter().all(|l| l.is_finite()));
+    run.model
         .params()
         .iter()
         .map(|(k, v)| (k.clone(), v.as_tensor().clone()))

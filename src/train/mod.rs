@@ -3,6 +3,7 @@
 
 pub mod adam;
 pub mod clip;
+pub mod direct;
 pub mod exact_f64;
 pub mod loss;
 pub mod lr_schedule;
