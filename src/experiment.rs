@@ -238,6 +238,20 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         },
     };
     let comparison = outputs.comparison.clone();
+    if cfg.wandb.enabled {
+        // No maintained Rust client exists: the TensorBoard events carry the
+        // same scalars, and wandb imports them.
+        let project = if cfg.wandb.project_name.is_empty() {
+            String::new()
+        } else {
+            format!(" --project {}", cfg.wandb.project_name)
+        };
+        eprintln!(
+            "wandb.use is set: metrics go to TensorBoard events; upload them with\n  wandb sync \
+             --sync-tensorboard{project} {}",
+            dir.tensorboard_dir().display()
+        );
+    }
     let setup = SessionSetup {
         seed: record.seed,
         config: Some(cfg),

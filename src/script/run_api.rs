@@ -322,6 +322,11 @@ pub fn step_boundary() -> ScriptResult<()> {
     Err(interrupted())
 }
 
+thread_local! {
+    /// When the thread's first script call to `clock()` happened.
+    static START: Instant = Instant::now();
+}
+
 /// A progress bar in a script.
 #[derive(Clone)]
 pub struct Progress(Arc<Mutex<ProgressInner>>);
@@ -542,6 +547,12 @@ pub mod run_module {
     /// Finishes the bar, leaving it on screen.
     pub fn finish(p: &mut Progress) {
         p.0.lock().unwrap_or_else(|e| e.into_inner()).bar.finish();
+    }
+
+    /// Wall-clock seconds since the thread's first `clock()` call: for
+    /// messages such as throughput, never for anything that must reproduce.
+    pub fn clock() -> f64 {
+        START.with(|s| s.elapsed().as_secs_f64())
     }
 
     /// `x` with `decimals` digits after the point (e.g. for messages).
