@@ -38,7 +38,7 @@ fn main() {
     let (manifest, _) = prepare(&sources, &out, &Default::default(), &|_, _| {}).unwrap();
     let audio: f64 = manifest.recordings.iter().map(|r| r.duration).sum();
     println!(
-        "prepare: {:.0} s of FLAC audio in {:.2} s",
+        "prepare: {:.0} s of demo audio (MP3) in {:.2} s",
         audio,
         start.elapsed().as_secs_f64()
     );

@@ -237,3 +237,133 @@ fn tones_above_the_new_nyquist_are_removed() {
         );
     }
 }
+
+/// A split of the bundled demo corpus.
+fn demo_dir(split: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/demo")
+        .join(split)
+}
+
+/// The duration and word intervals (in 16 kHz samples) of a demo recording's JSON.
+fn demo_timings(audio: &Path) -> (f64, Vec<(usize, usize)>) {
+    let json = audio.with_extension("json");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let to_samples = |t: &serde_json::Value| (t.as_f64().unwrap() * 16_000.0).round() as usize;
+    let words = meta["words"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (to_samples(&w["start"]), to_samples(&w["end"])))
+        .collect();
+    (meta["duration"].as_f64().unwrap(), words)
+}
+
+/// Where decoded speech starts relative to the generator's timings, in
+/// samples: the median over words of the first sample louder than 256/32768
+/// (searched from 60 ms before `start`, never before the previous word's end)
+/// minus `start + 80`. The generator cuts every word clip 5 ms (80 samples)
+/// before its first sample louder than 32/32768, so for correctly aligned
+/// audio this is within a few milliseconds (-5 to +1 ms on the bundled
+/// files), while a decoder that kept the MP3 encoder delay (1105 samples
+/// here) or trimmed too much would be off by about that much.
+fn median_onset_error(x: &[f32], words: &[(usize, usize)]) -> i64 {
+    const LOUD: f32 = 256.0 / 32768.0;
+    let mut errors = Vec::with_capacity(words.len());
+    let mut prev_end = 0;
+    for &(start, end) in words {
+        let from = start.saturating_sub(960).max(prev_end);
+        if let Some(i) = (from..end.min(x.len())).find(|&i| x[i].abs() > LOUD) {
+            errors.push(i as i64 - (start as i64 + 80));
+        }
+        prev_end = end;
+    }
+    assert!(
+        errors.len() * 10 >= words.len() * 9,
+        "most words should be audible"
+    );
+    errors.sort_unstable();
+    errors[errors.len() / 2]
+}
+
+/// Every demo recording (MP3 in train, Ogg Vorbis in heldout) decodes to
+/// 16 kHz mono audio as long as its JSON says (±50 ms), with the encoder
+/// delay removed: speech starts where the word timings say, within 30 ms.
+#[test]
+fn demo_mp3_and_ogg_decode_to_16k_mono_aligned_with_their_timings() {
+    let mono = LoadOptions {
+        channel: ChannelMode::Mix,
+        ..Default::default()
+    };
+    for (split, ext, min_files) in [("train", "mp3", 50), ("heldout", "ogg", 4)] {
+        let mut files: Vec<_> = std::fs::read_dir(demo_dir(split))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == ext))
+            .collect();
+        files.sort();
+        assert!(
+            files.len() >= min_files,
+            "{split}: {} .{ext} files",
+            files.len()
+        );
+        for path in &files {
+            let audio = load_audio(path, &LoadOptions::default()).unwrap();
+            assert_eq!(audio.sample_rate, 16_000, "{}", path.display());
+            if path == &files[0] {
+                // Mono: averaging the channels gives channel 0 back.
+                assert_eq!(load_audio(path, &mono).unwrap().samples, audio.samples);
+            }
+            let (duration, words) = demo_timings(path);
+            let decoded = audio.samples.len() as f64 / 16_000.0;
+            assert!(
+                (decoded - duration).abs() <= 0.05,
+                "{}: decoded {decoded} s, JSON {duration} s",
+                path.display()
+            );
+            let error = median_onset_error(&audio.samples, &words);
+            assert!(
+                error.abs() <= 480,
+                "{}: speech starts {} ms off its word timings",
+                path.display(),
+                error as f64 / 16.0
+            );
+        }
+    }
+}
+
+/// `prepare` on the held-out split reads its Ogg Vorbis files with their
+/// JSON timings: nothing is skipped and the durations match.
+#[test]
+fn prepare_reads_the_ogg_heldout_split() {
+    use lcasr::data::prepare::{discover, load_features, prepare};
+    let (sources, problems) = discover(&demo_dir("heldout")).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(sources.len() >= 4);
+    assert!(sources
+        .iter()
+        .all(|s| s.audio.extension().is_some_and(|e| e == "ogg")));
+    let out = tempfile::tempdir().unwrap();
+    let (manifest, report) =
+        prepare(&sources, out.path(), &Default::default(), &|_, _| {}).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.computed, sources.len());
+    for (rec, src) in manifest.recordings.iter().zip(&sources) {
+        let (duration, words) = demo_timings(&src.audio);
+        assert!((rec.duration - duration).abs() <= 0.05, "{}", rec.id);
+        assert_eq!(
+            rec.words.as_ref().map(Vec::len),
+            Some(words.len()),
+            "{}",
+            rec.id
+        );
+        let features = load_features(&out.path().join(&rec.features)).unwrap();
+        let frames = *features.dims().last().unwrap() as f64;
+        assert!(
+            (frames - duration * 100.0).abs() <= 2.0,
+            "{}: {frames} frames",
+            rec.id
+        );
+    }
+}

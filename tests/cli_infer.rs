@@ -145,7 +145,7 @@ fn eval_transcribe_and_plot_a_trained_model() {
 
     // transcribe: text on stdout, JSON and SRT files in --out.
     let weights = talkative_weights(&run, dir);
-    let audio = dir.join("src/train-000.flac");
+    let audio = dir.join("src/train-000.mp3");
     let (config, tokenizer) = (run.join("config.yaml"), dir.join("tokenizer.json"));
     let model_args = [
         s(&weights),
@@ -235,7 +235,7 @@ fn eval_transcribe_and_plot_a_trained_model() {
 fn bad_arguments_give_clean_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let nowhere = tmp.path().join("no-such-run");
-    let audio = repo().join("data/demo/train/train-000.flac");
+    let audio = repo().join("data/demo/train/train-000.mp3");
     assert_clean_error(
         &lcasr(&["transcribe", s(&nowhere), s(&audio)]),
         1,
@@ -264,7 +264,7 @@ fn bad_arguments_give_clean_errors() {
         "doc",
     );
     // Two inputs that would overwrite each other's transcript.
-    let twin = tmp.path().join("train-000.flac");
+    let twin = tmp.path().join("train-000.mp3");
     std::fs::copy(&audio, &twin).unwrap();
     assert_clean_error(
         &lcasr(&[

@@ -1,4 +1,4 @@
-//! The data pipeline end to end on the bundled demo corpus: FLAC decoding,
+//! The data pipeline end to end on the bundled demo corpus: MP3 decoding,
 //! `prepare`, a tokenizer trained on the transcripts, and chunks read back
 //! (directly and through the prefetch thread) with the right features and
 //! targets.
@@ -31,7 +31,7 @@ fn demo_heldout_split_prepares_and_streams_chunks() {
     let tokenizer = Arc::new(train_bpe(transcripts.lines().map(str::to_string), 128).unwrap());
     let data = Arc::new(Dataset::open(&out.join("manifest.json"), tokenizer.clone()).unwrap());
 
-    // Durations from the decoded FLAC match the generator's JSON.
+    // Durations from the decoded MP3 match the generator's JSON.
     for (rec, src) in manifest.recordings.iter().zip(&sources) {
         let json: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(src.audio.with_extension("json")).unwrap(),

@@ -3,17 +3,20 @@
 
 Every word is synthesised on its own with espeak-ng, resampled to 16 kHz mono with sox,
 trimmed to its audible extent, and placed on a timeline with seeded random pauses. The
-position of each word clip on that timeline is its exact start/end time. Recordings are
-written as 16-bit FLAC (via the `flac` tool) next to a JSON file with the text and timings.
+position of each word clip on that timeline is its exact start/end time. Train recordings are
+written as MP3 (via `lame`), held-out recordings as Ogg Vorbis (via `oggenc`), each next to a
+JSON file with the text and timings.
 
 Usage: python3 data/demo/generate.py --out data/demo --seed 1
 
-Requires Python 3 (standard library only) and the command-line tools espeak-ng, sox, flac.
+Requires Python 3 (standard library only) and the command-line tools espeak-ng, sox, lame and
+oggenc (Debian packages espeak-ng, sox, lame, vorbis-tools).
 """
 
 import argparse
 import array
 import concurrent.futures
+import glob
 import json
 import os
 import random
@@ -24,7 +27,8 @@ import tempfile
 import wave
 
 SAMPLE_RATE = 16000
-# espeak-ng amplitude (default 100); a lower level makes the FLAC files about 10% smaller.
+# espeak-ng amplitude (default 100). At half level the speech peaks near -6 dBFS, which
+# leaves the lossy encoders headroom.
 AMPLITUDE = 50
 # Samples at or below this absolute value count as silence when trimming a word.
 SILENCE_THRESHOLD = 32
@@ -80,6 +84,14 @@ PAST_TIMES = [
 FUTURE_TIMES = ["tomorrow", "next week", "after school", "this evening", "on saturday", "later today", "soon"]
 POSITIONS = "under near behind beside on in".split()
 PRONOUNS = [("we", "our"), ("they", "their"), ("she", "her"), ("he", "his")]
+MONTHS = "january february march april may june july august september october november december".split()
+COMPARATIVES = "taller older younger faster slower stronger quieter louder happier".split()
+MEALS = "breakfast lunch dinner supper".split()
+# (base form, past form) of verbs that take no object.
+ACTIONS = [
+    ("sing", "sang"), ("dance", "danced"), ("swim", "swam"), ("sleep", "slept"), ("laugh", "laughed"),
+    ("wait", "waited"), ("play", "played"), ("work", "worked"), ("read", "read"), ("cook", "cooked"),
+]
 
 
 def _template(rng):
@@ -94,6 +106,8 @@ def _template(rng):
     vb, vp = rng.choice(VERBS)
     avb, avp = rng.choice(ANIMAL_VERBS)
     pron, poss = rng.choice(PRONOUNS)
+    act, act_past = rng.choice(ACTIONS)
+    vb2, vp2 = rng.choice([v for v in VERBS if v[0] != vb])
     choices = [
         f"{n} {vp} the {adj} {t} {rng.choice(PAST_TIMES)}",
         f"the {adj} {a_sg} {rng.choice(MOTIONS)} to the {pl}",
@@ -113,6 +127,20 @@ def _template(rng):
         f"the {p} has a {adj} book about a {a_sg}",
         f"{n} could not {vb} the {t} because it was too {rng.choice(['heavy', 'big', 'small', 'high', 'far'])}",
         f"after the rain the {a_pl} came out of the {pl}",
+        f"{n} is {rng.choice(COMPARATIVES)} than {n2}",
+        f"first {pron} {vp} the {t} and then {pron} {vp2} the {t2}",
+        f"the {a_sg} jumped over the {adj} {t} and ran to the {pl}",
+        f"{n} wants to visit the {pl} in {rng.choice(MONTHS)}",
+        f"my {p} lives next to the {pl} with {rng.choice(NUMBERS)} {a_pl}",
+        f"how many {a_pl} can you see in the {pl}",
+        f"{n} never eats {f} for {rng.choice(MEALS)}",
+        f"the {p} said that the {pl} was closed on {rng.choice(DAYS)}",
+        f"{n} likes to {act} in the {pl} when it is {rng.choice(WEATHER)}",
+        f"the children {act_past} in the {pl} until {rng.choice(MEALS)}",
+        f"do you know where {n} put the {adj} {t}",
+        f"{n} forgot to {vb2} the {t} so {n2} did it {rng.choice(PAST_TIMES)}",
+        f"every {rng.choice(DAYS)} the {p} {act_past} at the {pl}",
+        f"the {a_pl} were {rng.choice(MOODS)} because {rng.choice(SEASONS)} had come",
     ]
     return rng.choice(choices)
 
@@ -132,8 +160,22 @@ def make_sentences(rng, count, forbidden, vocab=None):
 # Voices per split (espeak-ng language voice + variant). The two sets share nothing.
 # ---------------------------------------------------------------------------
 
-TRAIN_VOICES = ["en-us", "en-gb", "en-us+f3", "en-us+m3", "en-gb-x-rp+f2", "en-gb+m5", "en-029+f4", "en-us+m7"]
-HELDOUT_VOICES = ["en-gb-scotland+f5", "en-us-nyc+m2", "en-gb-x-gbcwmd+f1", "en-gb-x-gbclan+m4"]
+# Train voices are every accent in TRAIN_ACCENTS with every variant in TRAIN_VARIANTS ("" is
+# the accent's default voice). Held-out accents and variants occur nowhere in train.
+TRAIN_ACCENTS = ["en-us", "en-gb", "en-gb-x-rp", "en-029"]
+TRAIN_VARIANTS = ["", "+f2", "+f3", "+f4", "+m1", "+m3", "+m5", "+m6", "+m7", "+m8"]
+HELDOUT_VOICES = ["en-gb-scotland+f5", "en-us-nyc+m2", "en-gb-x-gbcwmd+f1", "en-gb-x-gbclan+m4",
+                  "en-gb-scotland+m2"]
+
+
+def assign_voices(rng, voices, count):
+    """Voices for `count` recordings: every voice once in a seeded order before any repeats."""
+    out = []
+    while len(out) < count:
+        batch = list(voices)
+        rng.shuffle(batch)
+        out += batch
+    return out[:count]
 
 
 def synth_word(word, voice, speed, pitch):
@@ -180,17 +222,18 @@ def build_recording(rng, sentences, voice, speed, pitch, clips):
     return audio, words
 
 
-def plan_split(rng, name, n_rec, voices, forbidden, words_per_rec, vocab=None):
-    """Decide text, voice, speed and pitch of each recording of one split.
+def plan_split(rng, name, voices, forbidden, words_per_rec, vocab=None):
+    """Decide text, speed and pitch of one recording per entry of `voices`.
 
     Sentences are added to a recording until it holds at least a randomly drawn number of
-    words in `words_per_rec`; at espeak-ng's slowest-per-word rates this keeps every recording
-    above 20 s, and the text never depends on the synthesised audio.
+    words in `words_per_rec`, scaled by the recording's speed over 160 words/min so that fast
+    and slow recordings last about as long. The text never depends on the synthesised audio.
     """
     lo, hi = words_per_rec
     plans = []
-    for i in range(n_rec):
-        target = rng.randint(lo, hi)
+    for i, voice in enumerate(voices):
+        speed = rng.randint(140, 190)
+        target = round(rng.randint(lo, hi) * speed / 160)
         sentences = []
         while sum(len(s.split()) for s in sentences) < target:
             sentences += make_sentences(rng, 1, forbidden, vocab)
@@ -198,50 +241,79 @@ def plan_split(rng, name, n_rec, voices, forbidden, words_per_rec, vocab=None):
         plans.append({
             "id": f"{name}-{i:03d}",
             "sentences": sentences,
-            "voice": voices[i % len(voices)],
-            "speed": rng.randint(140, 190),
+            "voice": voice,
+            "speed": speed,
             "pitch": rng.randint(30, 70),
             "pause_seed": rng.randrange(2**32),
         })
     return plans
 
 
-def write_flac(path, samples, tmpdir):
-    """Write int16 samples as 16-bit mono FLAC through a temporary WAV file."""
-    wav_path = os.path.join(tmpdir, "tmp.wav")
+def write_wav(path, samples):
+    """Write int16 samples as a 16-bit mono 16 kHz WAV file."""
     data = samples
     if sys.byteorder != "little":
         data = array.array("h", samples)
         data.byteswap()
-    with wave.open(wav_path, "wb") as w:
+    with wave.open(path, "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(SAMPLE_RATE)
         w.writeframes(data.tobytes())
-    subprocess.run(["flac", "--best", "--silent", "--force", "--no-seektable",
-                    "-o", path, wav_path], check=True)
+
+
+# Train split: variable-bitrate MP3, 8-24 kbps, 16 kHz mono. LAME's default low-pass for this
+# rate (about 5.8 kHz) is switched off so the whole 0-8 kHz band the features use survives.
+# LAME stores its encoder delay and padding in the file, which the decoder trims (gapless).
+MP3_ARGS = ["-m", "m", "--resample", "16", "-V", "5", "-b", "8", "-B", "24", "--lowpass", "8"]
+# Held-out split: Ogg Vorbis at quality 0 (about 18 kbps for this audio). The stream serial
+# number is fixed so that the output is reproducible.
+OGG_QUALITY = "0"
+
+
+def encode(path, samples, tmpdir, serial):
+    """Encode int16 samples to `path`: MP3 for `.mp3`, Ogg Vorbis for `.ogg`."""
+    wav_path = os.path.join(tmpdir, "tmp.wav")
+    write_wav(wav_path, samples)
+    if path.endswith(".mp3"):
+        cmd = ["lame", "--quiet", *MP3_ARGS, wav_path, path]
+    elif path.endswith(".ogg"):
+        cmd = ["oggenc", "--quiet", "-q", OGG_QUALITY, "--serial", str(serial), "-o", path, wav_path]
+    else:
+        raise ValueError(f"no encoder for {path}")
+    subprocess.run(cmd, check=True)
+
+
+def remove_stale(directory, split):
+    """Delete earlier generated files of `split` (any audio format) from `directory`."""
+    for ext in ("flac", "mp3", "ogg", "json"):
+        for path in glob.glob(os.path.join(directory, f"{split}-[0-9][0-9][0-9].{ext}")):
+            os.remove(path)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output directory (e.g. data/demo)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--train", type=int, default=12, help="number of train recordings")
-    ap.add_argument("--heldout", type=int, default=4, help="number of heldout recordings")
-    ap.add_argument("--words", default="42,46", help="min,max words per recording")
+    ap.add_argument("--train", type=int, default=60, help="number of train recordings")
+    ap.add_argument("--heldout", type=int, default=5, help="number of heldout recordings")
+    ap.add_argument("--words", default="44,49",
+                    help="min,max words per recording at 160 words/min (scaled by speed)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    for tool in ("espeak-ng", "sox", "flac"):
+    for tool in ("espeak-ng", "sox", "lame", "oggenc"):
         if shutil.which(tool) is None:
             sys.exit(f"missing tool: {tool}")
 
     rng = random.Random(args.seed)
     wpr = tuple(int(x) for x in args.words.split(","))
-    train = plan_split(rng, "train", args.train, TRAIN_VOICES, set(), wpr)
+    train_voices = assign_voices(rng, [a + v for a in TRAIN_ACCENTS for v in TRAIN_VARIANTS], args.train)
+    train = plan_split(rng, "train", train_voices, set(), wpr)
     train_sents = {s for p in train for s in p["sentences"]}
     train_vocab = {w for s in train_sents for w in s.split()}
     # Held-out sentences are new, but every held-out word also occurs in train.
-    heldout = plan_split(rng, "heldout", args.heldout, HELDOUT_VOICES, train_sents, wpr, train_vocab)
+    heldout_voices = assign_voices(rng, HELDOUT_VOICES, args.heldout)
+    heldout = plan_split(rng, "heldout", heldout_voices, train_sents, wpr, train_vocab)
 
     # Synthesise every distinct (word, voice, speed, pitch) once.
     keys = sorted({(w, p["voice"], p["speed"], p["pitch"])
@@ -252,26 +324,31 @@ def main():
             clips[key] = clip
 
     with tempfile.TemporaryDirectory() as tmpdir:
-        for split, plans in (("train", train), ("heldout", heldout)):
+        for split, plans, ext in (("train", train, "mp3"), ("heldout", heldout, "ogg")):
             d = os.path.join(args.out, split)
             os.makedirs(d, exist_ok=True)
-            transcripts = []
-            for p in plans:
+            remove_stale(d, split)
+            transcripts, seconds, size = [], 0.0, 0
+            for i, p in enumerate(plans):
                 audio, words = build_recording(random.Random(p["pause_seed"]), p["sentences"],
                                                p["voice"], p["speed"], p["pitch"], clips)
                 text = " ".join(p["sentences"])
                 meta = {"text": text, "voice": p["voice"], "speed": p["speed"], "pitch": p["pitch"],
                         "duration": round(len(audio) / SAMPLE_RATE, 5), "words": words}
-                write_flac(os.path.join(d, p["id"] + ".flac"), audio, tmpdir)
+                if not 20.0 <= meta["duration"] <= 120.0:
+                    sys.exit(f"{p['id']}: duration {meta['duration']:.1f} s outside 20..120 s")
+                audio_path = os.path.join(d, f"{p['id']}.{ext}")
+                encode(audio_path, audio, tmpdir, serial=i + 1)
                 with open(os.path.join(d, p["id"] + ".json"), "w", encoding="utf-8") as fh:
                     json.dump(meta, fh, indent=1)
                     fh.write("\n")
                 transcripts.append(text)
-                if not 20.0 <= meta["duration"] <= 120.0:
-                    sys.exit(f"{p['id']}: duration {meta['duration']:.1f} s outside 20..120 s")
+                seconds += meta["duration"]
+                size += os.path.getsize(audio_path)
                 print(f"{split}/{p['id']}: {meta['duration']:.1f} s, {len(words)} words, {p['voice']}")
             with open(os.path.join(d, "transcripts.txt"), "w", encoding="utf-8") as fh:
                 fh.write("\n".join(transcripts) + "\n")
+            print(f"{split}: {len(plans)} recordings, {seconds:.1f} s, {size} bytes of {ext}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ pub fn tiny_experiment(dir: &std::path::Path, max_epochs: u64) -> PathBuf {
     let src = dir.join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..4 {
-        for ext in ["flac", "json"] {
+        for ext in ["mp3", "json"] {
             let name = format!("train-{i:03}.{ext}");
             std::fs::copy(demo.join(&name), src.join(&name)).unwrap();
         }
