@@ -64,6 +64,7 @@ fn main() {
             import_roots: vec![repo.join("scripts")],
             seed: None,
             compare_with: None,
+            script_args: Default::default(),
         };
         let start = Instant::now();
         experiment::run(&exp).unwrap_or_else(|e| panic!("{e}"));

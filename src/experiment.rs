@@ -3,6 +3,7 @@
 //! directory with everything needed to reproduce the run, install the Ctrl-C
 //! handler, and run the script.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +46,8 @@ pub struct Experiment {
     pub seed: Option<u64>,
     /// Another run's metrics.jsonl to compare every logged record with.
     pub compare_with: Option<PathBuf>,
+    /// Script arguments (`--set name=value`), read with `arg()`.
+    pub script_args: BTreeMap<String, String>,
 }
 
 /// How an experiment ended.
@@ -180,6 +183,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
             .into_iter()
             .map(|(name, _)| name)
             .find(|name| Path::new(&compiled.name).file_name() == Some(name.as_ref())),
+        script_args: exp.script_args.clone(),
         resumes: Vec::new(),
     };
     let store = dir.checkpoints(cfg.checkpointing.keep_last as usize);
@@ -258,6 +262,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         base_dir: PathBuf::from("."),
         interrupts,
         run: Some(outputs),
+        args: exp.script_args.clone(),
     };
     let run_dir = dir.root().to_path_buf();
     match compiled.run(setup) {
@@ -372,6 +377,7 @@ pub fn reproduce(
         import_roots: vec![scripts_dir],
         seed: Some(recorded.seed),
         compare_with: Some(dir.metrics_path()),
+        script_args: recorded.script_args.clone(),
     };
     let comparison = match run(&exp)? {
         Outcome::Finished { comparison, .. } => comparison,

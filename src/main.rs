@@ -80,6 +80,20 @@ struct RunDirArgs {
     /// The run directory (default: the config's `checkpointing.dir`).
     #[arg(long, value_name = "DIR")]
     run_dir: Option<PathBuf>,
+    /// A script argument, read in the script with `arg("NAME", default)`
+    /// (repeatable; recorded in the run directory).
+    #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_script_arg)]
+    script_args: Vec<(String, String)>,
+}
+
+/// `NAME=VALUE` of `--set`.
+fn parse_script_arg(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
 }
 
 #[derive(Args)]
@@ -536,6 +550,7 @@ fn experiment(
         import_roots: vec![PathBuf::from("scripts")],
         seed: None,
         compare_with: None,
+        script_args: run.script_args.iter().cloned().collect(),
     };
     match experiment::run(&exp) {
         Ok(Outcome::Finished { run_dir, .. }) => {

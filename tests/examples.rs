@@ -372,18 +372,21 @@ fn finetune_leaves_the_frozen_subsampling_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let config = pretrained(dir.path());
     let original = dir.path().join("run");
-    let script = edited_example(
-        "finetune",
-        &dir.path().join("experiment"),
-        &[("PRETRAINED", &format!("{:?}", original.to_str().unwrap()))],
-    );
+    let script = example("finetune");
+    let set = format!("pretrained={}", original.display());
     // A config whose model section is not the pretrained model's is refused
     // (this run's checkpoints would otherwise describe the wrong model).
     let wrong = dir.path().join("wrong");
     let out = run_script(
         &script,
         &config,
-        &["model.d_model=48", "--run-dir", wrong.to_str().unwrap()],
+        &[
+            "model.d_model=48",
+            "--run-dir",
+            wrong.to_str().unwrap(),
+            "--set",
+            &set,
+        ],
     );
     assert!(!out.status.success());
     assert!(
@@ -393,7 +396,7 @@ fn finetune_leaves_the_frozen_subsampling_unchanged() {
     );
 
     let tuned = dir.path().join("tuned");
-    let out = run_ok(&script, &config, &tuned, &[]);
+    let out = run_ok(&script, &config, &tuned, &["--set", &set]);
     assert!(out.contains("frozen tensors are unchanged"), "{out}");
     assert!(steps(&tuned).len() >= 4);
 
@@ -421,13 +424,16 @@ fn evaluate_scores_every_recording_as_lcasr_eval_does() {
     let dir = tempfile::tempdir().unwrap();
     let config = pretrained(dir.path());
     let model = dir.path().join("run");
-    let script = edited_example(
-        "evaluate",
-        &dir.path().join("experiment"),
-        &[("MODEL", &format!("{:?}", model.to_str().unwrap()))],
-    );
+    let script = example("evaluate");
     let eval_run = dir.path().join("eval");
-    let out = run_ok(&script, &config, &eval_run, &[]);
+    let set = format!("model={}", model.display());
+    let out = run_ok(&script, &config, &eval_run, &["--set", &set]);
+    // The argument is recorded with the run.
+    let record = std::fs::read_to_string(eval_run.join("manifest.json")).unwrap();
+    assert!(
+        record.contains(&format!("\"model\": \"{}\"", model.display())),
+        "{record}"
+    );
     assert!(
         !eval_run.join("checkpoints/latest").exists(),
         "no checkpoints"

@@ -26,6 +26,7 @@ fn record() -> RunRecord {
         tokenizer_sha256: Some(sha256_hex(b"tokenizer")),
         data_manifest_sha256: None,
         entry_script: None,
+        script_args: BTreeMap::new(),
         resumes: Vec::new(),
     }
 }

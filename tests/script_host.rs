@@ -41,6 +41,7 @@ fn run_in(script: &Path, max_operations: u64, base: &Path) -> Result<(), String>
             base_dir: PathBuf::from(base),
             interrupts,
             run: None,
+            args: Default::default(),
         })
         .map_err(|f| f.message)
 }
@@ -275,4 +276,48 @@ fn missing_script_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let m = run_in(&dir.path().join("nope.rhai"), 0, dir.path()).unwrap_err();
     assert_has(&m, &["cannot read script", "nope.rhai"]);
+}
+
+#[test]
+fn script_arguments_are_typed_by_their_default_and_required_ones_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_with = |text: &str, args: &[(&str, &str)]| {
+        let script = dir.path().join("main.rhai");
+        std::fs::write(&script, text).unwrap();
+        let interrupts = Arc::new(AtomicUsize::new(0));
+        let compiled = compile(
+            &script,
+            &CompileOptions {
+                import_roots: vec![],
+                max_operations: 0,
+                interrupts: Arc::clone(&interrupts),
+            },
+        )
+        .map_err(|f| f.message)?;
+        compiled
+            .run(SessionSetup {
+                config: None,
+                seed: 1,
+                base_dir: dir.path().to_path_buf(),
+                interrupts,
+                run: None,
+                args: args
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            })
+            .map_err(|f| f.message)
+    };
+    run_with(
+        "if arg(\"n\", 3) != 7 { throw \"int\"; }\n\
+         if arg(\"lr\", 0.5) != 0.25 { throw \"float\"; }\n\
+         if arg(\"absent\", \"x\") != \"x\" { throw \"default\"; }\n\
+         if arg(\"path\") != \"a/b\" { throw \"string\"; }\n",
+        &[("n", "7"), ("lr", "0.25"), ("path", "a/b")],
+    )
+    .unwrap();
+    let m = run_with("let n = arg(\"n\", 3);\n", &[("n", "seven")]).unwrap_err();
+    assert_has(&m, &["argument `n`: `seven` is not an int", "main.rhai:1:"]);
+    let m = run_with("let p = arg(\"model\");\n", &[]).unwrap_err();
+    assert_has(&m, &["needs the argument `model`: pass --set model=VALUE"]);
 }

@@ -72,6 +72,9 @@ pub struct RunRecord {
     /// The entry script's name in `scripts/` (the one the run executed).
     #[serde(default)]
     pub entry_script: Option<String>,
+    /// Script arguments (`--set name=value`).
+    #[serde(default)]
+    pub script_args: BTreeMap<String, String>,
     /// sha256 of the tokenizer file, when the run uses one.
     pub tokenizer_sha256: Option<String>,
     /// sha256 of the training data manifest, when the run uses one.

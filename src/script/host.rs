@@ -168,10 +168,14 @@ impl Compiled {
     /// Runs the script in a fresh session.
     pub fn run(&self, mut setup: SessionSetup) -> Result<(), ScriptFailure> {
         setup.interrupts = Arc::clone(&self.interrupts);
-        let _session = session::install(setup);
-        self.engine.run_ast(&self.ast).map_err(|err| ScriptFailure {
+        let session = session::install(setup);
+        let result = self.engine.run_ast(&self.ast).map_err(|err| ScriptFailure {
             message: format_error(&err, &self.name, &self.sources),
             interrupted: is_interrupt(&err),
-        })
+        });
+        for name in session.unread_args() {
+            eprintln!("warning: the script never read the argument `{name}` (--set {name}=...)");
+        }
+        result
     }
 }

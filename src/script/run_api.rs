@@ -484,6 +484,54 @@ pub mod run_module {
         session::with(|s| Ok(s.rng.stream("script").uniform()))
     }
 
+    /// The script argument `name` (`--set name=value` on the command line),
+    /// or `default` when it was not given. The value is read as the type of
+    /// `default` (int, float, bool or string).
+    #[rhai_fn(name = "arg", return_raw)]
+    pub fn arg_or(name: &str, default: Dynamic) -> Result<Dynamic, Box<EvalAltResult>> {
+        let given = session::with(|s| {
+            s.args_read.insert(name.to_string());
+            Ok(s.args.get(name).cloned())
+        })?;
+        let Some(text) = given else {
+            return Ok(default);
+        };
+        let bad = |ty: &str| {
+            script_error(format!(
+                "argument `{name}`: `{text}` is not {ty} (--set {name}=...)"
+            ))
+        };
+        if default.is_int() {
+            text.parse::<i64>()
+                .map(Dynamic::from_int)
+                .map_err(|_| bad("an int"))
+        } else if default.is_float() {
+            text.parse::<f64>()
+                .map(Dynamic::from_float)
+                .map_err(|_| bad("a number"))
+        } else if default.is_bool() {
+            text.parse::<bool>()
+                .map(Dynamic::from_bool)
+                .map_err(|_| bad("true or false"))
+        } else {
+            Ok(text.into())
+        }
+    }
+
+    /// The script argument `name` as a string; an error naming the missing
+    /// `--set name=...` when it was not given.
+    #[rhai_fn(name = "arg", return_raw)]
+    pub fn arg_required(name: &str) -> Result<String, Box<EvalAltResult>> {
+        session::with(|s| {
+            s.args_read.insert(name.to_string());
+            s.args.get(name).cloned().ok_or_else(|| {
+                script_error(format!(
+                    "this script needs the argument `{name}`: pass --set {name}=VALUE"
+                ))
+            })
+        })
+    }
+
     /// The run's master seed.
     #[rhai_fn(return_raw)]
     pub fn seed() -> Result<i64, Box<EvalAltResult>> {

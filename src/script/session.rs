@@ -6,6 +6,7 @@
 //! installs a fresh one ([`install`]) and removes it when it ends.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct SessionSetup {
     pub interrupts: Arc<AtomicUsize>,
     /// The run directory's writers, when the run records one.
     pub run: Option<super::run_api::RunOutputs>,
+    /// Script arguments (`--set name=value`).
+    pub args: BTreeMap<String, String>,
 }
 
 /// The live state of a script run.
@@ -47,6 +50,10 @@ pub struct Session {
     /// The objects the last `restore`/`checkpoint` call named, saved again
     /// when Ctrl-C stops the run at a step boundary.
     pub tracked: Option<super::run_api::Tracked>,
+    /// Script arguments (`--set name=value`).
+    pub args: BTreeMap<String, String>,
+    /// The argument names the script asked for.
+    pub args_read: BTreeSet<String>,
 }
 
 thread_local! {
@@ -64,6 +71,8 @@ pub fn install(setup: SessionSetup) -> SessionGuard {
         interrupts: setup.interrupts,
         run: setup.run,
         tracked: None,
+        args: setup.args,
+        args_read: BTreeSet::new(),
     };
     SESSION.with(|s| *s.borrow_mut() = Some(session));
     SessionGuard(())
@@ -71,6 +80,21 @@ pub fn install(setup: SessionSetup) -> SessionGuard {
 
 /// Removes the session when dropped.
 pub struct SessionGuard(());
+
+impl SessionGuard {
+    /// The `--set` names the script never asked for (likely typos).
+    pub fn unread_args(&self) -> Vec<String> {
+        SESSION.with(|s| {
+            s.borrow().as_ref().map_or_else(Vec::new, |s| {
+                s.args
+                    .keys()
+                    .filter(|k| !s.args_read.contains(*k))
+                    .cloned()
+                    .collect()
+            })
+        })
+    }
+}
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
