@@ -242,20 +242,20 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         },
     };
     let comparison = outputs.comparison.clone();
-    if cfg.wandb.enabled {
-        // No maintained Rust client exists: the TensorBoard events carry the
-        // same scalars, and wandb imports them.
+    // No maintained Rust client for W&B exists: the TensorBoard events carry
+    // the same scalars, and wandb imports them (said once the run ends).
+    let wandb_hint = cfg.wandb.enabled.then(|| {
         let project = if cfg.wandb.project_name.is_empty() {
             String::new()
         } else {
             format!(" --project {}", cfg.wandb.project_name)
         };
-        eprintln!(
-            "wandb.use is set: metrics go to TensorBoard events; upload them with\n  wandb sync \
-             --sync-tensorboard{project} {}",
+        format!(
+            "wandb.use is set: the metrics are in TensorBoard events; upload them with\n  \
+             wandb sync --sync-tensorboard{project} {}",
             dir.tensorboard_dir().display()
-        );
-    }
+        )
+    });
     let setup = SessionSetup {
         seed: record.seed,
         config: Some(cfg),
@@ -265,7 +265,14 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         args: exp.script_args.clone(),
     };
     let run_dir = dir.root().to_path_buf();
-    match compiled.run(setup) {
+    let result = compiled.run(setup);
+    if let (Some(hint), true) = (
+        &wandb_hint,
+        result.as_ref().map_or_else(|f| f.interrupted, |_| true),
+    ) {
+        eprintln!("{hint}");
+    }
+    match result {
         Ok(()) => Ok(Outcome::Finished {
             run_dir,
             comparison: comparison.map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).clone()),
