@@ -69,3 +69,26 @@ fn reproduce_matches_then_reports_an_edited_script() {
         .expect("a divergence");
     assert!(divergence.contains("loss"), "{divergence}");
 }
+
+#[test]
+fn reproduce_command_reports_an_exact_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tiny_experiment(dir.path(), 1);
+    train(&config);
+    let run = dir.path().join("run");
+    let again = dir.path().join("again");
+    let out = Command::new(env!("CARGO_BIN_EXE_lcasr"))
+        .args([
+            "reproduce",
+            run.to_str().unwrap(),
+            "--run-dir",
+            again.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("Reproduced exactly: all"), "{stderr}");
+    assert!(again.join("checkpoints/latest").exists());
+}
