@@ -226,3 +226,74 @@ fn sigkill_at_any_point_then_resume_matches_the_uninterrupted_run() {
         );
     }
 }
+
+#[test]
+fn a_script_error_after_a_step_saves_the_state_and_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _) = uninterrupted_run(dir.path());
+    let expected: Vec<_> = read_metrics(&dir.path().join("reference/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
+        .collect();
+    // train.rhai with a failure injected right after step 4 was logged.
+    let source = std::fs::read_to_string(repo().join("scripts/train.rhai")).unwrap();
+    let marker = "            bar.message(";
+    assert!(source.contains(marker));
+    let failing = source.replacen(
+        marker,
+        &format!("            if opt.steps == 4 {{ throw \"injected failure\"; }}\n{marker}"),
+        1,
+    );
+    let script = dir.path().join("failing.rhai");
+    std::fs::write(&script, failing).unwrap();
+
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap();
+    let out = train(
+        &config,
+        &["--run-dir", run_arg, "--script", script.to_str().unwrap()],
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(msg.contains("injected failure"), "{msg}");
+    assert!(
+        msg.contains("step_000000004") && msg.contains("--resume"),
+        "{msg}"
+    );
+
+    let out = train(&config, &["--resume", run_arg]);
+    assert!(out.status.success(), "{}", text(&out));
+    let got: Vec<_> = read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
+        .collect();
+    assert_eq!(got, expected);
+
+    // A failure in the middle of a step (after a forward) leaves no intact
+    // state: nothing is saved.
+    let mid = source.replacen(
+        "        let loss = ctc_loss(out, chunk.targets);",
+        "        if opt.steps == 2 { throw \"mid-step failure\"; }\n        let loss = ctc_loss(out, chunk.targets);",
+        1,
+    );
+    let script = dir.path().join("mid.rhai");
+    std::fs::write(&script, mid).unwrap();
+    let run = dir.path().join("mid-run");
+    let out = train(
+        &config,
+        &[
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--script",
+            script.to_str().unwrap(),
+        ],
+    );
+    let msg = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{msg}");
+    assert!(
+        msg.contains("mid-step failure") && !msg.contains("was saved"),
+        "{msg}"
+    );
+}

@@ -502,6 +502,7 @@ pub mod data_module {
             .map_err(|e| script_error(format!("spec_augment(): bad config map: {e}")))?;
         let lengths = super::super::model_api::lengths_from(&lengths)?;
         session::with(|s| {
+            s.since_step = true;
             let rng = s.rng.stream("spec_augment");
             spec_augment_tensor(&x.0, &lengths, &cfg, rng, SpecAugmentOptions::default())
                 .script()

@@ -169,9 +169,22 @@ impl Compiled {
     pub fn run(&self, mut setup: SessionSetup) -> Result<(), ScriptFailure> {
         setup.interrupts = Arc::clone(&self.interrupts);
         let session = session::install(setup);
-        let result = self.engine.run_ast(&self.ast).map_err(|err| ScriptFailure {
-            message: format_error(&err, &self.name, &self.sources),
-            interrupted: is_interrupt(&err),
+        let result = self.engine.run_ast(&self.ast).map_err(|err| {
+            let interrupted = is_interrupt(&err);
+            let mut message = format_error(&err, &self.name, &self.sources);
+            if !interrupted {
+                if let Some(dir) = super::run_api::save_after_error() {
+                    message.push_str(&format!(
+                        "the state after the last optimizer step was saved to {}: fix the cause \
+                         and continue with --resume\n",
+                        dir.display()
+                    ));
+                }
+            }
+            ScriptFailure {
+                message,
+                interrupted,
+            }
         });
         for name in session.unread_args() {
             eprintln!("warning: the script never read the argument `{name}` (--set {name}=...)");

@@ -80,7 +80,10 @@ impl Model {
     ) -> ScriptResult<Output> {
         let train = self.is_training();
         let dropout_seed = if train {
-            session::with(|s| Ok(s.rng.stream("dropout").next_u64()))?
+            session::with(|s| {
+                s.since_step = true;
+                Ok(s.rng.stream("dropout").next_u64())
+            })?
         } else {
             0
         };

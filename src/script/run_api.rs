@@ -182,6 +182,11 @@ fn save(t: &Tracked) -> ScriptResult<PathBuf> {
         .as_ref()
         .map(|d| d.lock().pos.clone())
         .unwrap_or_default();
+    save_at(t, pos)
+}
+
+/// Saves a checkpoint of `t` with the data position `pos`.
+fn save_at(t: &Tracked, pos: DataPosition) -> ScriptResult<PathBuf> {
     let user: Value = rhai::serde::from_dynamic(&Dynamic::from_map(t.state.clone()))?;
     let lr_state = match &t.lr {
         Some(lr) => lr.lock().state(),
@@ -300,6 +305,48 @@ fn interrupted() -> Box<EvalAltResult> {
         INTERRUPTED.into(),
         Position::NONE,
     ))
+}
+
+/// Called after every optimizer step: the state is intact again, and the
+/// tracked dataset's position is remembered for a save after an error.
+pub fn after_step() -> ScriptResult<()> {
+    let data = session::with(|s| {
+        s.since_step = false;
+        Ok(s.tracked.as_ref().and_then(|t| t.data.clone()))
+    })?;
+    let pos = data.map(|d| d.lock().pos.clone());
+    session::with(|s| {
+        s.step_position = pos;
+        Ok(())
+    })
+}
+
+/// After a script error: when the tracked objects are intact (nothing but
+/// bookkeeping happened since the last optimizer step and no gradients are
+/// pending), saves them as they were after that step and returns the
+/// checkpoint; otherwise (or without a run directory) returns None.
+pub fn save_after_error() -> Option<PathBuf> {
+    let (tracked, intact, pos) = session::with(|s| {
+        let intact = !s.since_step && s.grads.get_ids().next().is_none() && s.run.is_some();
+        Ok((s.tracked.clone(), intact, s.step_position.clone()))
+    })
+    .ok()?;
+    let t = tracked?;
+    if !intact {
+        return None;
+    }
+    let pos = match (pos, &t.data) {
+        (Some(p), _) => p,
+        (None, Some(d)) => d.lock().pos.clone(),
+        (None, None) => DataPosition::default(),
+    };
+    match save_at(&t, pos) {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            tracing::warn!("could not save a checkpoint after the error: {e}");
+            None
+        }
+    }
 }
 
 /// Called between optimizer steps (before the next chunk or batch is
@@ -481,7 +528,10 @@ pub mod run_module {
     /// A uniform random float in [0, 1) from the run's seeded `script` stream.
     #[rhai_fn(return_raw)]
     pub fn random() -> Result<f64, Box<EvalAltResult>> {
-        session::with(|s| Ok(s.rng.stream("script").uniform()))
+        session::with(|s| {
+            s.since_step = true;
+            Ok(s.rng.stream("script").uniform())
+        })
     }
 
     /// The script argument `name` (`--set name=value` on the command line),

@@ -54,6 +54,12 @@ pub struct Session {
     pub args: BTreeMap<String, String>,
     /// The argument names the script asked for.
     pub args_read: BTreeSet<String>,
+    /// True once something a checkpoint cannot undo happened after the last
+    /// optimizer step (a training forward, a random draw): an error then
+    /// leaves no intact state to save.
+    pub since_step: bool,
+    /// The tracked dataset's position right after the last optimizer step.
+    pub step_position: Option<super::data_api::DataPosition>,
 }
 
 thread_local! {
@@ -73,6 +79,8 @@ pub fn install(setup: SessionSetup) -> SessionGuard {
         tracked: None,
         args: setup.args,
         args_read: BTreeSet::new(),
+        since_step: false,
+        step_position: None,
     };
     SESSION.with(|s| *s.borrow_mut() = Some(session));
     SessionGuard(())

@@ -200,7 +200,10 @@ pub mod tensor_module {
     pub fn randn(shape: Array) -> Result<Tensor, Box<EvalAltResult>> {
         let shape = shape_from(&shape)?;
         let n: usize = shape.iter().product();
-        let data = session::with(|s| Ok(s.rng.stream("script").normal_vec(n, 0.0, 1.0)))?;
+        let data = session::with(|s| {
+            s.since_step = true;
+            Ok(s.rng.stream("script").normal_vec(n, 0.0, 1.0))
+        })?;
         wrap(CTensor::from_vec(data, shape, &Device::Cpu))
     }
 

@@ -363,6 +363,7 @@ pub mod train_module {
                 false
             }
         };
+        super::super::run_api::after_step()?;
         Ok(stepped)
     }
 
