@@ -77,7 +77,7 @@ impl SelfAttention {
             head_dim: self.head_dim,
             rotary: ctx
                 .rotary
-                .as_ref()
+                .as_deref()
                 .map(|(c, s)| (c.as_slice(), s.as_slice())),
             lengths: ctx.lengths.as_deref(),
             window_left: self.window_left,
@@ -182,8 +182,12 @@ impl ConvModule {
         let h = ctx.zero_padding(&h)?;
         let w = ctx.w(&self.dw_weight).reshape((self.inner, self.kernel))?;
         let h = depthwise_conv1d(&h, &w, &ctx.w(&self.dw_bias))?;
-        let mut state = self.state.lock().expect("renorm state");
+        let mut live = self.state.lock().expect("renorm state");
         let h = if ctx.train {
+            // A checkpointed block's recomputation normalises with the state
+            // of its first pass and must not update the statistics again.
+            let replay = ctx.renorm_replay.as_ref();
+            let state = replay.unwrap_or(&live);
             let (rmax, dmax) = state.limits();
             let lengths = if ctx.brn_stats_include_padding {
                 None
@@ -203,8 +207,8 @@ impl ConvModule {
                     lengths,
                 },
             )?;
-            if let Some(stats) = stats {
-                let st = &mut *state;
+            if let (Some(stats), None) = (stats, replay) {
+                let st = &mut *live;
                 for (r, m) in st.mean.iter_mut().zip(&stats.mean) {
                     *r += RENORM_MOMENTUM * (m - *r);
                 }
@@ -220,13 +224,13 @@ impl ConvModule {
                 &ctx.w(&self.bn_weight),
                 &ctx.w(&self.bn_bias),
                 RenormMode::Eval {
-                    running_mean: &state.mean,
-                    running_std: &state.std,
+                    running_mean: &live.mean,
+                    running_std: &live.std,
                 },
             )?
             .0
         };
-        drop(state);
+        drop(live);
         self.pw2.forward(&h, ctx)
     }
 }

@@ -3,11 +3,13 @@
 //! self-conditioning between them, and the CTC head.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use lcasr_kernels::rotary::{inv_freq, rotary_tables};
 
 use super::builder::{Builder, Init};
+use super::checkpointing::checkpointed_block;
 use super::conformer::{ConformerLayer, RenormState};
 use super::decoder::Decoder;
 use super::layers::Ctx;
@@ -60,7 +62,7 @@ pub struct Encoder {
     classes: usize,
     subsampling: Subsampling,
     fourier: Option<Var>,
-    layers: Vec<ConformerLayer>,
+    layers: Vec<Arc<ConformerLayer>>,
     decoder: Decoder,
     rotary: Option<Rotary>,
     params: BTreeMap<String, Var>,
@@ -103,7 +105,7 @@ impl Encoder {
             .fourier_pos_enc
             .then(|| b.param("fourier_pos_enc.w_r", &[1, d / 2], Init::Normal));
         let layers = (0..cfg.n_layers as usize)
-            .map(|i| ConformerLayer::new(&b, i, cfg))
+            .map(|i| Arc::new(ConformerLayer::new(&b, i, cfg)))
             .collect();
         let decoder = Decoder::new(&b, cfg, classes);
         let rotary = cfg.use_rotary.then(|| {
@@ -170,7 +172,9 @@ impl Encoder {
     }
 
     /// Runs the model on (B, F, T) features with `lengths` valid frames per
-    /// item (all T when `None`).
+    /// item (all T when `None`). In training, block i with
+    /// i % `checkpoint_every_n_layers` == 0 is checkpointed: it keeps only its
+    /// input and recomputes its forward during backward (same gradients).
     pub fn forward(
         &self,
         features: &Tensor,
@@ -198,7 +202,7 @@ impl Encoder {
             ctx.lengths = Some(clamped);
         }
         if let Some(r) = &self.rotary {
-            ctx.rotary = Some(rotary_tables(&r.inv_freq, n, r.factor));
+            ctx.rotary = Some(Arc::new(rotary_tables(&r.inv_freq, n, r.factor)));
         }
         if let Some(w) = &self.fourier {
             x = x.broadcast_add(&fourier_features(&ctx.w(w), n, self.cfg.d_model as usize)?)?;
@@ -209,8 +213,13 @@ impl Encoder {
         let mut interim_logits = Vec::new();
         let mut layer_outputs = Vec::new();
         let last = self.layers.len().saturating_sub(1);
+        let every = self.cfg.checkpoint_every_n_layers as usize;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &ctx)?;
+            x = if opts.train && every > 0 && i % every == 0 {
+                checkpointed_block(layer, self.layer_params(i), &x, &ctx)?
+            } else {
+                layer.forward(&x, &ctx)?
+            };
             if opts.keep_layer_outputs {
                 layer_outputs.push(x.clone());
             }
@@ -227,6 +236,16 @@ impl Encoder {
             interim_logits,
             layer_outputs,
         })
+    }
+
+    /// The trainable parameters of block `i` (`layers.{i}.*`).
+    fn layer_params(&self, i: usize) -> Vec<Var> {
+        let prefix = format!("layers.{i}.");
+        self.params
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// The CTC head's logits for hidden states `x` of shape (B, N, d_model),
@@ -314,11 +333,6 @@ fn refuse_unsupported(cfg: &ModelConfig) -> anyhow::Result<()> {
     }
     if cfg.learned_rotary {
         problems.push("model.learned_rotary: trainable rotary frequencies are not supported yet");
-    }
-    if cfg.checkpoint_every_n_layers > 0 {
-        problems.push(
-            "model.checkpoint_every_n_layers: activation checkpointing is not supported yet; set it to 0",
-        );
     }
     if problems.is_empty() {
         Ok(())

@@ -2,6 +2,7 @@
 //! context they share.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 use lcasr_kernels::norm::{layer_norm, rms_norm};
@@ -9,6 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::builder::{Builder, Init};
+use super::conformer::RenormState;
 use crate::config::NormKind;
 
 /// What one forward pass needs besides the input: the mode, the padding and
@@ -21,10 +23,19 @@ pub struct Ctx {
     pub lengths: Option<Vec<usize>>,
     /// (B, N, 1) with 1 at valid frames and 0 at padding, when `lengths` is set.
     pub mask: Option<Tensor>,
-    /// Rotary cos/sin tables (N x head_dim each), when rotary is on.
-    pub rotary: Option<(Vec<f32>, Vec<f32>)>,
+    /// Rotary cos/sin tables (N x head_dim each), when rotary is on; shared
+    /// with the recomputation of checkpointed blocks.
+    pub rotary: Option<Arc<(Vec<f32>, Vec<f32>)>>,
     /// BatchRenorm statistics include padded frames (the reference's behaviour).
     pub brn_stats_include_padding: bool,
+    /// Set only while a checkpointed block recomputes its forward during
+    /// backward: the BatchRenorm state the block saw in its first pass. The
+    /// recomputation normalises with it and leaves the live running
+    /// statistics alone, so they are updated once per training forward.
+    pub renorm_replay: Option<RenormState>,
+    /// Parameters enter the autograd graph (false in evaluation and in the
+    /// graph-free first pass of a checkpointed block).
+    graph: bool,
     dropout_rng: RefCell<ChaCha8Rng>,
 }
 
@@ -37,14 +48,38 @@ impl Ctx {
             mask: None,
             rotary: None,
             brn_stats_include_padding: false,
+            renorm_replay: None,
+            graph: train,
             dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         }
     }
 
-    /// The tensor of a parameter: tracked by autograd in training, detached
-    /// (no graph) in evaluation.
+    /// A copy of this context whose dropout stream starts where this one is
+    /// now (so it draws the same masks next), recording a graph or not, with
+    /// `renorm_replay` set as given.
+    pub fn fork(&self, graph: bool, renorm_replay: Option<RenormState>) -> Ctx {
+        Ctx {
+            train: self.train,
+            lengths: self.lengths.clone(),
+            mask: self.mask.clone(),
+            rotary: self.rotary.clone(),
+            brn_stats_include_padding: self.brn_stats_include_padding,
+            renorm_replay,
+            graph,
+            dropout_rng: RefCell::new(self.dropout_rng.borrow().clone()),
+        }
+    }
+
+    /// Moves this context's dropout stream to where `fork`'s is, after the
+    /// fork ran part of the forward in this context's place.
+    pub fn continue_after(&self, fork: &Ctx) {
+        *self.dropout_rng.borrow_mut() = fork.dropout_rng.borrow().clone();
+    }
+
+    /// The tensor of a parameter: tracked by autograd when this forward
+    /// records a graph, detached otherwise.
     pub fn w(&self, v: &Var) -> Tensor {
-        if self.train {
+        if self.graph {
             v.as_tensor().clone()
         } else {
             v.as_detached_tensor()

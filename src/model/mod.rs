@@ -4,6 +4,7 @@
 
 mod builder;
 mod checkpoint;
+mod checkpointing;
 mod conformer;
 mod decoder;
 mod encoder;

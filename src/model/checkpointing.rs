@@ -1,0 +1,170 @@
+//! Activation checkpointing of Conformer blocks (`checkpoint_every_n_layers`).
+//!
+//! A checkpointed block runs its training forward once without recording a
+//! graph, so none of its intermediate activations outlive it; the autograd
+//! graph keeps only the block's input. During backward the block's forward
+//! runs again from that input with the real parameters, and candle's backward
+//! over that small graph yields the gradients of the input and of the
+//! block's parameters.
+//!
+//! The parameter gradients travel through the ordinary graph, so any plain
+//! `loss.backward()` (library code, the Rhai host) receives them: every
+//! parameter of the block feeds a [`ParamTie`] node whose value is a zero
+//! scalar, the ties are summed into an anchor, and the anchor is the second
+//! input of the [`BlockCheckpoint`] node. Backward reaches that node before
+//! the ties (they are its ancestors); its recomputation stores each
+//! parameter's gradient in a slot shared with the ties, and each tie hands
+//! its slot on to its parameter. Nothing outlives the graph, so a backward
+//! that fails half-way leaves no stale gradient behind.
+//!
+//! The recomputation reproduces the first pass exactly: it starts the
+//! dropout stream where the first pass started it (same masks), and its
+//! BatchRenorm normalises with the running statistics the first pass saw and
+//! does not update them again (the reference updates them twice, a bug;
+//! reference-spec §3.7). The gradients equal those of the plain path bit for
+//! bit, provided the parameters are not changed between the forward and the
+//! backward (the recomputation reads their values at backward time).
+//! Like the kernels the blocks run on, the checkpoint nodes are CPU-only.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Storage, Tensor, Var,
+};
+
+use super::conformer::ConformerLayer;
+use super::layers::Ctx;
+
+/// Gradients of a block's parameters, in the order of its parameter list,
+/// from the recomputation to the ties.
+type Slots = Arc<Mutex<Vec<Option<Tensor>>>>;
+
+/// Runs `layer` on `x` in training mode as a checkpointed block. `params`
+/// are the block's trainable parameters; `ctx` is the forward's context, whose
+/// dropout stream advances exactly as the plain path would advance it.
+pub(crate) fn checkpointed_block(
+    layer: &Arc<ConformerLayer>,
+    params: Vec<Var>,
+    x: &Tensor,
+    ctx: &Ctx,
+) -> Result<Tensor> {
+    let replay = ctx.fork(true, layer.renorm_state().map(|(_, s)| s));
+    let first = ctx.fork(false, None);
+    let output = layer.forward(&x.detach(), &first)?;
+    ctx.continue_after(&first);
+
+    let slots: Slots = Arc::new(Mutex::new(vec![None; params.len()]));
+    let mut anchor = Tensor::zeros((), DType::F32, x.device())?;
+    for (slot, p) in params.iter().enumerate() {
+        let tie = p.as_tensor().apply_op1(ParamTie {
+            slot,
+            slots: Arc::clone(&slots),
+        })?;
+        anchor = (anchor + tie)?;
+    }
+    x.apply_op2(
+        &anchor,
+        BlockCheckpoint {
+            layer: Arc::clone(layer),
+            params,
+            replay: Mutex::new(replay),
+            output: Mutex::new(Some(output)),
+            slots,
+        },
+    )
+}
+
+/// Locks a mutex of this module; a poisoned lock only means that another
+/// backward panicked, and the data stays usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The graph node of a checkpointed block: inputs (block input, anchor of
+/// the parameter ties), output the block's output.
+struct BlockCheckpoint {
+    layer: Arc<ConformerLayer>,
+    params: Vec<Var>,
+    /// The context of the recomputation: the first pass's dropout position
+    /// and BatchRenorm state, recording a graph.
+    replay: Mutex<Ctx>,
+    /// The output of the graph-free first pass, until the node takes it.
+    output: Mutex<Option<Tensor>>,
+    slots: Slots,
+}
+
+impl CustomOp2 for BlockCheckpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-conformer-block"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let output = lock(&self.output)
+            .take()
+            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))?;
+        let output = output.contiguous()?;
+        let (storage, layout) = output.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::Msg(
+                "checkpointed block: activation checkpointing runs on the CPU only".into(),
+            ));
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| Error::Msg("checkpointed block: non-contiguous output".into()))?;
+        let values = cpu.as_slice::<f32>()?[start..end].to_vec();
+        Ok((CpuStorage::F32(values), output.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        anchor: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ctx = {
+            let replay = lock(&self.replay);
+            replay.fork(true, replay.renorm_replay.clone())
+        };
+        let input = Var::from_tensor(&x.detach())?;
+        let y = self.layer.forward(input.as_tensor(), &ctx)?;
+        let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        {
+            let mut slots = lock(&self.slots);
+            for (slot, p) in slots.iter_mut().zip(&self.params) {
+                *slot = grads.remove(p.as_tensor());
+            }
+        }
+        let grad_x = grads.remove(input.as_tensor());
+        // The anchor must receive a gradient for backward to reach the ties.
+        Ok((grad_x, Some(anchor.zeros_like()?)))
+    }
+}
+
+/// A zero scalar depending on one parameter; in backward it passes on the
+/// parameter's gradient computed by the block's recomputation.
+struct ParamTie {
+    slot: usize,
+    slots: Slots,
+}
+
+impl CustomOp1 for ParamTie {
+    fn name(&self) -> &'static str {
+        "checkpoint-parameter-tie"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(lock(&self.slots)[self.slot].take())
+    }
+}
