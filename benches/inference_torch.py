@@ -138,7 +138,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         b, n, _ = x.shape
         qkv = self.qkv_proj(x).view(b, n, self.h, self.dh, 3).permute(4, 0, 2, 1, 3)
-        q, k, v = rotate(qkv[0], cos, sin), rotate(qkv[1], cos, sin), qkv[2]
+        # v must be contiguous in its last dimension (the interleaved layout
+        # strides it by 3), else SDPA falls back to the dense math kernel.
+        q, k, v = rotate(qkv[0], cos, sin), rotate(qkv[1], cos, sin), qkv[2].contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.h * self.dh))
 
@@ -280,7 +282,7 @@ def log_probs(model, cfg, feats, window):
     total_p = torch.zeros(frames, model.decoder.ff.out_features)
     count = torch.zeros(frames)
     for s, e, p, n in placed:
-        total_p[p:p + n] += model(feats[None, :, s:e])[0].exp()
+        total_p[p:p + n] += model(feats[None, :, s:e].contiguous())[0].exp()
         count[p:p + n] += 1
     keep = count > 0
     return (total_p[keep] / count[keep, None]).log()

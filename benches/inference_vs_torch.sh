@@ -2,12 +2,12 @@
 # Long-form inference, lcasr vs PyTorch: same weights, same synthetic features,
 # 2 threads each, one process per row and side (so each peak RSS is its own).
 #
-#   benches/inference_vs_torch.sh [MODEL:CONTEXT:MINUTES ...]
+#   benches/inference_vs_torch.sh [MODEL:CONTEXT:MINUTES[:ROUNDS] ...]
 #
 # MODEL is 6l or demo, CONTEXT `full` or a window in seconds; the default rows
 # are one hour of each model at full context and at 80 s windows. Each row runs
-# LCASR_BENCH_ROUNDS times (default 2), ours then PyTorch's, and a side that
-# runs past LCASR_BENCH_TIMEOUT seconds (default 900) is recorded as timed out.
+# ROUNDS times (default LCASR_BENCH_ROUNDS, else 2), ours then PyTorch's, and a
+# side that runs past LCASR_BENCH_TIMEOUT seconds (default 900) is stopped.
 # TORCH_PY: a python with torch (else benches/.venv is created from PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +44,11 @@ side() { # name command...
 }
 
 for row in "${rows[@]}"; do
-  IFS=: read -r model ctx minutes <<<"$row"
-  for ((i = 1; i <= rounds; i++)); do
-    echo "# $row round $i, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
+  IFS=: read -r model ctx minutes n <<<"$row"
+  for ((i = 1; i <= ${n:-$rounds}; i++)); do
+    echo "# $row round $i, load average $(cut -d' ' -f1-3 /proc/loadavg)"
     side lcasr "$bin" run "$model" "$ctx" "$minutes"
+    echo "# load average $(cut -d' ' -f1-3 /proc/loadavg)"
     side torch "$py" benches/inference_torch.py run "$out/$model" "$ctx" "$minutes"
   done
 done
