@@ -321,3 +321,43 @@ fn script_arguments_are_typed_by_their_default_and_required_ones_are_named() {
     let m = run_with("let p = arg(\"model\");\n", &[]).unwrap_err();
     assert_has(&m, &["needs the argument `model`: pass --set model=VALUE"]);
 }
+
+#[test]
+fn running_the_model_block_by_block_equals_forward() {
+    run(r#"
+        let model = encoder(#{ n_layers: 3, d_model: 32, n_heads: 2, head_dim: 16, self_conditioning: true }, 15);
+        model.eval_mode();
+        let x = randn([2, 80, 64]);
+        let lengths = [64, 40];
+        let out = model.forward(x, lengths);
+        let h = model.subsample(x, lengths);
+        if h.lengths != out.lengths { throw `lengths ${h.lengths} vs ${out.lengths}`; }
+        let interim = [];
+        for i in 0..model.n_layers {
+            h = model.block(i, h);
+            if i < model.n_layers - 1 {
+                h = model.self_condition(h);
+                interim.push(h.interim);
+            }
+        }
+        let logits = model.head(h.x);
+        if (logits - out.logits).abs().max(0).max(0).max(0).item() != 0.0 { throw "final logits differ"; }
+        if (interim[1] - out.interim[1]).abs().max(0).max(0).max(0).item() != 0.0 { throw "interim logits differ"; }
+        // A script can change the hidden states between blocks.
+        let h2 = model.subsample(x, lengths);
+        h2.x = h2.x * 0.0;
+        if model.head(model.block(0, h2).x).shape != out.logits.shape { throw "shape"; }
+    "#)
+    .unwrap();
+    let m = error_of(
+        "let m = encoder(#{ n_layers: 1, d_model: 32, n_heads: 2, head_dim: 16 }, 10);\n\
+         let h = m.subsample(zeros([1, 80, 32]), [32]);\nlet y = m.block(5, h);\n",
+    );
+    assert_has(
+        &m,
+        &[
+            "block 5 does not exist: the model has 1 blocks",
+            "main.rhai:3:",
+        ],
+    );
+}

@@ -3,6 +3,7 @@
 //! self-conditioning between them, and the CTC head.
 
 use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -54,6 +55,32 @@ impl EncoderOutput {
 struct Rotary {
     inv_freq: Vec<f32>,
     factor: f32,
+}
+
+/// The encoder's state between stages when it is run block by block
+/// ([`Encoder::subsample`], [`Encoder::block`], [`Encoder::self_condition`]).
+#[derive(Clone)]
+pub struct Hidden {
+    /// (B, N, d_model) hidden states.
+    pub x: Tensor,
+    /// Valid encoder frames per item.
+    pub lengths: Vec<usize>,
+    /// The interim logits of the last self-conditioning step, if any.
+    pub interim_logits: Option<Tensor>,
+    /// The pass's context (mode, padding mask, rotary tables, dropout).
+    ctx: Rc<Ctx>,
+}
+
+impl Hidden {
+    /// The same stage with other hidden states (e.g. changed by a script).
+    pub fn with_x(&self, x: Tensor) -> Hidden {
+        Hidden {
+            x,
+            lengths: self.lengths.clone(),
+            interim_logits: None,
+            ctx: Rc::clone(&self.ctx),
+        }
+    }
 }
 
 /// The encoder.
@@ -172,15 +199,45 @@ impl Encoder {
     }
 
     /// Runs the model on (B, F, T) features with `lengths` valid frames per
-    /// item (all T when `None`). In training, block i with
-    /// i % `checkpoint_every_n_layers` == 0 is checkpointed: it keeps only its
-    /// input and recomputes its forward during backward (same gradients).
+    /// item (all T when `None`).
     pub fn forward(
         &self,
         features: &Tensor,
         lengths: Option<&[usize]>,
         opts: &ForwardOptions,
     ) -> Result<EncoderOutput> {
+        let mut h = self.subsample(features, lengths, opts)?;
+        let mut interim_logits = Vec::new();
+        let mut layer_outputs = Vec::new();
+        let last = self.layers.len().saturating_sub(1);
+        for i in 0..self.layers.len() {
+            h = self.block(i, &h)?;
+            if opts.keep_layer_outputs {
+                layer_outputs.push(h.x.clone());
+            }
+            if self.cfg.self_conditioning && i < last {
+                h = self.self_condition(&h)?;
+                interim_logits.extend(h.interim_logits.clone());
+            }
+        }
+        let logits = self.decoder.final_logits(&h.x, &h.ctx)?;
+        Ok(EncoderOutput {
+            logits,
+            lengths: h.lengths,
+            interim_logits,
+            layer_outputs,
+        })
+    }
+
+    /// The first stage of a forward pass, for running the encoder block by
+    /// block: subsampling (plus the positional encoding and, when configured,
+    /// self-conditioning of the subsampled frames) of (B, F, T) features.
+    pub fn subsample(
+        &self,
+        features: &Tensor,
+        lengths: Option<&[usize]>,
+        opts: &ForwardOptions,
+    ) -> Result<Hidden> {
         let (batch, _, t) = features.dims3()?;
         let lengths: Vec<usize> = match lengths {
             Some(l) => l.to_vec(),
@@ -210,32 +267,40 @@ impl Encoder {
         if self.cfg.self_condition_subsampling {
             x = self.decoder.self_condition(&x, &ctx)?.0;
         }
-        let mut interim_logits = Vec::new();
-        let mut layer_outputs = Vec::new();
-        let last = self.layers.len().saturating_sub(1);
-        let every = self.cfg.checkpoint_every_n_layers as usize;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = if opts.train && every > 0 && i % every == 0 {
-                checkpointed_block(layer, self.layer_params(i), &x, &ctx)?
-            } else {
-                layer.forward(&x, &ctx)?
-            };
-            if opts.keep_layer_outputs {
-                layer_outputs.push(x.clone());
-            }
-            if self.cfg.self_conditioning && i < last {
-                let (y, logits) = self.decoder.self_condition(&x, &ctx)?;
-                x = y;
-                interim_logits.push(logits);
-            }
-        }
-        let logits = self.decoder.final_logits(&x, &ctx)?;
-        Ok(EncoderOutput {
-            logits,
+        Ok(Hidden {
+            x,
             lengths: out_lengths,
-            interim_logits,
-            layer_outputs,
+            interim_logits: None,
+            ctx: Rc::new(ctx),
         })
+    }
+
+    /// Conformer block `i` applied to `h` (activation-checkpointed in
+    /// training when `checkpoint_every_n_layers` says so).
+    pub fn block(&self, i: usize, h: &Hidden) -> Result<Hidden> {
+        let layer = self.layers.get(i).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "block {i} does not exist: the model has {} blocks",
+                self.layers.len()
+            ))
+        })?;
+        let every = self.cfg.checkpoint_every_n_layers as usize;
+        let x = if h.ctx.train && every > 0 && i.is_multiple_of(every) {
+            checkpointed_block(layer, self.layer_params(i), &h.x, &h.ctx)?
+        } else {
+            layer.forward(&h.x, &h.ctx)?
+        };
+        Ok(h.with_x(x))
+    }
+
+    /// Self-conditioning (the CTC head's posteriors projected back and
+    /// added) applied to `h`; the interim logits are in the result's
+    /// `interim_logits`.
+    pub fn self_condition(&self, h: &Hidden) -> Result<Hidden> {
+        let (x, logits) = self.decoder.self_condition(&h.x, &h.ctx)?;
+        let mut out = h.with_x(x);
+        out.interim_logits = Some(logits);
+        Ok(out)
     }
 
     /// The trainable parameters of block `i` (`layers.{i}.*`).

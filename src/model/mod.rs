@@ -13,4 +13,4 @@ mod subsampling;
 
 pub use checkpoint::{load_reference_pt, load_safetensors, ReferenceCheckpoint};
 pub use conformer::RenormState;
-pub use encoder::{Encoder, EncoderOutput, ForwardOptions};
+pub use encoder::{Encoder, EncoderOutput, ForwardOptions, Hidden};

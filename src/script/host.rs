@@ -44,6 +44,7 @@ pub fn register_type_names(engine: &mut Engine) {
         .register_type_with_name::<Tensor>("Tensor")
         .register_type_with_name::<Model>("Model")
         .register_type_with_name::<Output>("Output")
+        .register_type_with_name::<crate::model::Hidden>("Hidden")
         .register_type_with_name::<Optimizer>("Optimizer")
         .register_type_with_name::<LrSchedule>("LrSchedule")
         .register_type_with_name::<SequenceSchedule>("SequenceSchedule")

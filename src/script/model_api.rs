@@ -12,7 +12,7 @@ use super::errors::{script_error, IntoScript, ScriptResult};
 use super::session;
 use super::tensor_api::Tensor;
 use crate::config::{model_config_from_json, ModelConfig};
-use crate::model::{Encoder, ForwardOptions};
+use crate::model::{Encoder, ForwardOptions, Hidden};
 
 /// The seed of a fresh model's initialisation (the reference seeds torch with
 /// 12345 before building the model, so every run starts from the same weights).
@@ -70,14 +70,9 @@ impl Model {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
-    /// Runs the model in its current mode; training mode draws the dropout
-    /// seed from the run's `dropout` stream.
-    pub fn run(
-        &self,
-        features: &CTensor,
-        lengths: &[usize],
-        keep_layers: bool,
-    ) -> ScriptResult<Output> {
+    /// The forward options of the current mode; training mode draws the
+    /// dropout seed from the run's `dropout` stream.
+    fn options(&self, keep_layers: bool) -> ScriptResult<ForwardOptions> {
         let train = self.is_training();
         let dropout_seed = if train {
             session::with(|s| {
@@ -87,12 +82,23 @@ impl Model {
         } else {
             0
         };
-        let opts = ForwardOptions {
+        Ok(ForwardOptions {
             train,
             dropout_seed,
             keep_layer_outputs: keep_layers,
             compat_renorm_padding: false,
-        };
+        })
+    }
+
+    /// Runs the model in its current mode; training mode draws the dropout
+    /// seed from the run's `dropout` stream.
+    pub fn run(
+        &self,
+        features: &CTensor,
+        lengths: &[usize],
+        keep_layers: bool,
+    ) -> ScriptResult<Output> {
+        let opts = self.options(keep_layers)?;
         let out = self
             .0
             .encoder
@@ -243,6 +249,77 @@ pub mod model_module {
             }
         }
         model.run(&features.0, &lengths_from(&lengths)?, keep)
+    }
+
+    /// The first stage of running the model block by block: subsampling of
+    /// (B, 80, T) features with `lengths` valid frames per item. Continue with
+    /// `model.block(i, h)` and `model.self_condition(h)`, end with `model.head(h.x)`.
+    #[rhai_fn(pure, return_raw)]
+    pub fn subsample(
+        model: &mut Model,
+        features: Tensor,
+        lengths: Array,
+    ) -> Result<Hidden, Box<EvalAltResult>> {
+        let opts = model.options(false)?;
+        model
+            .encoder()
+            .subsample(&features.0, Some(&lengths_from(&lengths)?), &opts)
+            .script()
+    }
+
+    /// Conformer block `i` (from 0) applied to the stage `h`.
+    #[rhai_fn(pure, return_raw)]
+    pub fn block(model: &mut Model, i: i64, h: Hidden) -> Result<Hidden, Box<EvalAltResult>> {
+        let i =
+            usize::try_from(i).map_err(|_| script_error(format!("block({i}): no such block")))?;
+        model.encoder().block(i, &h).script()
+    }
+
+    /// Self-conditioning applied to the stage `h` (its interim logits are in
+    /// the result's `interim`).
+    #[rhai_fn(name = "self_condition", pure, return_raw)]
+    pub fn self_condition_h(model: &mut Model, h: Hidden) -> Result<Hidden, Box<EvalAltResult>> {
+        model.encoder().self_condition(&h).script()
+    }
+
+    /// (B, N, d_model) hidden states of a stage.
+    #[rhai_fn(get = "x", pure)]
+    pub fn hidden_x(h: &mut Hidden) -> Tensor {
+        Tensor(h.x.clone())
+    }
+
+    /// Replaces the hidden states of a stage (same shape), e.g. to add noise.
+    #[rhai_fn(set = "x", return_raw)]
+    pub fn set_hidden_x(h: &mut Hidden, x: Tensor) -> Result<(), Box<EvalAltResult>> {
+        if x.0.dims() != h.x.dims() {
+            return Err(script_error(format!(
+                "hidden states must keep their shape {:?}, got {:?}",
+                h.x.dims(),
+                x.0.dims()
+            )));
+        }
+        *h = h.with_x(x.0);
+        Ok(())
+    }
+
+    /// Valid encoder frames per item of a stage.
+    #[rhai_fn(get = "lengths", pure)]
+    pub fn hidden_lengths(h: &mut Hidden) -> Array {
+        int_array(&h.lengths)
+    }
+
+    /// The interim logits of the stage's self-conditioning, or `()`.
+    #[rhai_fn(get = "interim", pure)]
+    pub fn hidden_interim(h: &mut Hidden) -> Dynamic {
+        h.interim_logits
+            .clone()
+            .map_or(Dynamic::UNIT, |t| Dynamic::from(Tensor(t)))
+    }
+
+    /// Prints as `Hidden[B, N, d]`.
+    #[rhai_fn(global, name = "to_string", name = "to_debug", pure)]
+    pub fn hidden_to_string(h: &mut Hidden) -> String {
+        format!("Hidden{:?}", h.x.dims())
     }
 
     /// The CTC head applied to hidden states (B, N, d_model), e.g. `out.layers[i]`.
