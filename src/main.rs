@@ -413,8 +413,13 @@ fn eval(args: &EvalArgs) -> ExitCode {
         write_report(&report, &out)
     });
     match result {
-        Ok([json, png]) => {
-            println!("wrote {} and {}", json.display(), png.display());
+        Ok([json, png, txt]) => {
+            println!(
+                "wrote {}, {} and {}",
+                json.display(),
+                png.display(),
+                txt.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {

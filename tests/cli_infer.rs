@@ -136,6 +136,24 @@ fn eval_transcribe_and_plot_a_trained_model() {
             .map(|k| count(c, k).to_string());
         assert_eq!(tail[1..], counts, "{row}");
     }
+    // Per-utterance alignments: one block per context and utterance, whose
+    // S/D/I marks add up to the utterance's counts.
+    let alignments = std::fs::read_to_string(out_dir.join("alignments.txt")).unwrap();
+    assert_eq!(alignments.matches("== context").count(), 2, "{alignments}");
+    let first = &per_context[0]["utterances"][0];
+    let block = alignments
+        .split("-- ")
+        .find(|b| b.starts_with(first["id"].as_str().unwrap()))
+        .unwrap();
+    let marks = block.lines().rfind(|l| !l.trim().is_empty()).unwrap();
+    for (mark, key) in [
+        ('S', "substitutions"),
+        ('D', "deletions"),
+        ('I', "insertions"),
+    ] {
+        let n = marks.chars().filter(|&c| c == mark).count() as u64;
+        assert_eq!(n, count(first, key), "{key} marks in:\n{block}");
+    }
     let png = image::open(out_dir.join("wer_vs_context.png")).unwrap();
     assert_eq!(
         (png.width(), png.height()),

@@ -303,6 +303,8 @@ pub fn format_table(report: &EvalReport) -> String {
 
 /// File name of the JSON report that [`write_report`] writes.
 pub const REPORT_FILE: &str = "eval.json";
+/// File name of the per-utterance word alignments that [`write_report`] writes.
+pub const ALIGNMENTS_FILE: &str = "alignments.txt";
 /// File name of the chart of WER against context that [`write_report`] writes.
 pub const PLOT_FILE: &str = "wer_vs_context.png";
 
@@ -330,14 +332,48 @@ pub fn default_report_dir(checkpoint: &Path, manifest: &Path) -> PathBuf {
 /// Writes the report as [`REPORT_FILE`] and its chart as [`PLOT_FILE`] into
 /// `dir` (created if missing; earlier files are replaced). Returns the two
 /// paths, JSON first.
-pub fn write_report(report: &EvalReport, dir: &Path) -> Result<[PathBuf; 2]> {
+pub fn write_report(report: &EvalReport, dir: &Path) -> Result<[PathBuf; 3]> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("cannot create output directory {}", dir.display()))?;
     let json = dir.join(REPORT_FILE);
     write_atomic(&json, format!("{}\n", report.to_json()).as_bytes())?;
     let png = dir.join(PLOT_FILE);
     plot_wer_vs_context(report, &png)?;
-    Ok([json, png])
+    let txt = dir.join(ALIGNMENTS_FILE);
+    write_atomic(&txt, format_alignments(report).as_bytes())?;
+    Ok([json, png, txt])
+}
+
+/// Largest reference x hypothesis word product aligned in the report (the
+/// alignment needs one byte per word pair: 64 MB here).
+const MAX_ALIGNMENT_CELLS: usize = 64 << 20;
+
+/// Per-utterance word alignments of every context: `REF:`/`HYP:` lines with
+/// `S`/`D`/`I` marks under the errors (normalised texts, as scored).
+/// Utterances too long to align in bounded memory say so instead.
+pub fn format_alignments(report: &EvalReport) -> String {
+    let mut out = String::new();
+    for c in &report.per_context {
+        out.push_str(&format!(
+            "== context {} ({:.2} % WER)\n",
+            format_context(c.context_frames),
+            c.wer * 100.0
+        ));
+        for u in &c.utterances {
+            let hyp_words = u.hypothesis.split_whitespace().count();
+            out.push_str(&format!(
+                "-- {} (S {} D {} I {} of {} words)\n",
+                u.id, u.substitutions, u.deletions, u.insertions, u.ref_words
+            ));
+            if (u.ref_words + 1).saturating_mul(hyp_words + 1) > MAX_ALIGNMENT_CELLS {
+                out.push_str("(too long to align here)\n");
+            } else {
+                out.push_str(&crate::text::wer::align(&u.reference, &u.hypothesis).report());
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// Draws corpus WER (%) against context length (seconds) as a PNG at `path`
