@@ -51,7 +51,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin):
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, H, DH, 3).permute(4, 0, 2, 1, 3)
-        q, k, v = rotate(qkv[0], cos, sin), rotate(qkv[1], cos, sin), qkv[2]
+        # v must be contiguous in its last dimension, or PyTorch silently
+        # falls back to dense math attention.
+        q, k, v = rotate(qkv[0], cos, sin), rotate(qkv[1], cos, sin), qkv[2].contiguous()
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(o.transpose(1, 2).reshape(b, n, H * DH))
 
