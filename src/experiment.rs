@@ -166,6 +166,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     let dir = RunDir::start(&root, exp.mode)?;
     let yaml = cfg.to_yaml();
     let tokenizer = cfg.data.tokenizer.as_ref().map(PathBuf::from);
+    let scripts = script_names(&compiled.name, &compiled.sources);
     let mut record = RunRecord {
         program_version: env!("CARGO_PKG_VERSION").to_string(),
         git_commit: git_commit(Path::new(".")),
@@ -173,15 +174,15 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         started_at: now_utc(),
         seed: exp.seed.unwrap_or_else(|| resolve_seed(&cfg)),
         config_sha256: cfg.canonical_hash(),
-        scripts: script_names(&compiled.name, &compiled.sources)
-            .into_iter()
-            .map(|(name, text)| (name, sha256_hex(text.as_bytes())))
+        scripts: scripts
+            .iter()
+            .map(|(name, text)| (name.clone(), sha256_hex(text.as_bytes())))
             .collect(),
         tokenizer_sha256: tokenizer.as_deref().and_then(file_hash),
         data_manifest_sha256: file_hash(Path::new(&cfg.data.path)),
-        entry_script: script_names(&compiled.name, &compiled.sources)
-            .into_iter()
-            .map(|(name, _)| name)
+        entry_script: scripts
+            .iter()
+            .map(|(name, _)| name.clone())
             .find(|name| Path::new(&compiled.name).file_name() == Some(name.as_ref())),
         script_args: exp.script_args.clone(),
         resumes: Vec::new(),
@@ -208,8 +209,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         Some(from)
     } else {
         dir.write_config(&yaml)?;
-        for (name, text) in script_names(&compiled.name, &compiled.sources) {
-            dir.write_script(&name, &text)?;
+        for (name, text) in &scripts {
+            dir.write_script(name, text)?;
         }
         dir.write_record(&record)?;
         None

@@ -24,6 +24,16 @@ fn run_files(
 }
 
 fn run_in(script: &Path, max_operations: u64, base: &Path) -> Result<(), String> {
+    run_with_args(script, max_operations, base, &[])
+}
+
+/// `run_in` with script arguments (`--set name=value`).
+fn run_with_args(
+    script: &Path,
+    max_operations: u64,
+    base: &Path,
+    args: &[(&str, &str)],
+) -> Result<(), String> {
     let interrupts = Arc::new(AtomicUsize::new(0));
     let compiled = compile(
         script,
@@ -41,7 +51,10 @@ fn run_in(script: &Path, max_operations: u64, base: &Path) -> Result<(), String>
             base_dir: PathBuf::from(base),
             interrupts,
             run: None,
-            args: Default::default(),
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
         .map_err(|f| f.message)
 }
@@ -284,29 +297,7 @@ fn script_arguments_are_typed_by_their_default_and_required_ones_are_named() {
     let run_with = |text: &str, args: &[(&str, &str)]| {
         let script = dir.path().join("main.rhai");
         std::fs::write(&script, text).unwrap();
-        let interrupts = Arc::new(AtomicUsize::new(0));
-        let compiled = compile(
-            &script,
-            &CompileOptions {
-                import_roots: vec![],
-                max_operations: 0,
-                interrupts: Arc::clone(&interrupts),
-            },
-        )
-        .map_err(|f| f.message)?;
-        compiled
-            .run(SessionSetup {
-                config: None,
-                seed: 1,
-                base_dir: dir.path().to_path_buf(),
-                interrupts,
-                run: None,
-                args: args
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            })
-            .map_err(|f| f.message)
+        run_with_args(&script, 0, dir.path(), args)
     };
     run_with(
         "if arg(\"n\", 3) != 7 { throw \"int\"; }\n\
