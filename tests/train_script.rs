@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use lcasr::config::{self, LoadOptions};
 use lcasr::run::metrics::read_metrics;
+use serde_json::Value;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -116,6 +117,15 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// (step, loss, lr) of every record of a metrics file.
+fn step_loss_lr(metrics: &Path) -> Vec<(Value, Value, Value)> {
+    read_metrics(metrics)
+        .unwrap()
+        .iter()
+        .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
+        .collect()
+}
+
 /// Starts a training run in the background.
 fn spawn(config: &Path, extra: &[&str]) -> Child {
     let mut args = vec!["train", config.to_str().unwrap()];
@@ -178,16 +188,8 @@ fn ctrl_c_checkpoints_and_resume_continues_exactly() {
 
         let out = train(&config, &["--resume", &run_arg]);
         assert!(out.status.success(), "{}", text(&out));
-        let got: Vec<_> = read_metrics(&run.join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
-            .collect();
-        let expected: Vec<_> = read_metrics(&dir.path().join("reference/metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
-            .collect();
+        let got = step_loss_lr(&run.join("metrics.jsonl"));
+        let expected = step_loss_lr(&dir.path().join("reference/metrics.jsonl"));
         assert_eq!(
             got, expected,
             "stopped after {stop_after}: resumed records differ"
@@ -231,11 +233,7 @@ fn sigkill_at_any_point_then_resume_matches_the_uninterrupted_run() {
 fn a_script_error_after_a_step_saves_the_state_and_resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _) = uninterrupted_run(dir.path());
-    let expected: Vec<_> = read_metrics(&dir.path().join("reference/metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
-        .collect();
+    let expected = step_loss_lr(&dir.path().join("reference/metrics.jsonl"));
     // train.rhai with a failure injected right after step 4 was logged.
     let source = std::fs::read_to_string(repo().join("scripts/train.rhai")).unwrap();
     let marker = "            bar.message(";
@@ -264,11 +262,7 @@ fn a_script_error_after_a_step_saves_the_state_and_resume_continues_exactly() {
 
     let out = train(&config, &["--resume", run_arg]);
     assert!(out.status.success(), "{}", text(&out));
-    let got: Vec<_> = read_metrics(&run.join("metrics.jsonl"))
-        .unwrap()
-        .iter()
-        .map(|r| (r["step"].clone(), r["loss"].clone(), r["lr"].clone()))
-        .collect();
+    let got = step_loss_lr(&run.join("metrics.jsonl"));
     assert_eq!(got, expected);
 
     // A failure in the middle of a step (after a forward) leaves no intact
