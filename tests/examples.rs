@@ -11,33 +11,17 @@
 
 mod common;
 
+use common::{lcasr, repo, text, wait_for_records};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use lcasr::config::{self, LoadOptions};
 use lcasr::run::metrics::read_metrics;
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn lcasr(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lcasr"));
-    cmd.args(args).current_dir(repo());
-    cmd
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// The path of example `name` in the repository.
 fn example(name: &str) -> PathBuf {
@@ -237,21 +221,6 @@ fn curriculum_trace(run: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Waits until the run has logged `n` records (or the process ended).
-fn wait_for_records(child: &mut Child, metrics: &Path, n: usize) {
-    let start = Instant::now();
-    loop {
-        let count = std::fs::read_to_string(metrics)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if count >= n || child.try_wait().unwrap().is_some() {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(300), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn curriculum_doubles_the_chunk_length_on_plateaus_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +279,12 @@ fn curriculum_doubles_the_chunk_length_on_plateaus_and_resumes_exactly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_records(&mut child, &run.join("metrics.jsonl"), 3);
+    wait_for_records(
+        &mut child,
+        &run.join("metrics.jsonl"),
+        3,
+        Duration::from_secs(300),
+    );
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

@@ -5,38 +5,22 @@
 
 mod common;
 
+use common::{lcasr, repo, text, wait_for_records};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use lcasr::config::{self, LoadOptions};
 use lcasr::run::metrics::read_metrics;
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn lcasr(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lcasr"));
-    cmd.args(args).current_dir(repo());
-    cmd
-}
-
 fn train(config: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["train", config.to_str().unwrap()];
     args.extend_from_slice(extra);
     lcasr(&args).output().unwrap()
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The newest checkpoint's model tensors.
@@ -137,21 +121,6 @@ fn spawn(config: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-/// Waits until the run has logged `n` records (or the process ended).
-fn wait_for_records(child: &mut Child, metrics: &Path, n: usize) {
-    let start = Instant::now();
-    loop {
-        let count = std::fs::read_to_string(metrics)
-            .map(|t| t.lines().count())
-            .unwrap_or(0);
-        if count >= n || child.try_wait().unwrap().is_some() {
-            return;
-        }
-        assert!(start.elapsed() < Duration::from_secs(600), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A two-epoch tiny experiment in `dir` run without interruption: its
 /// config and its (step, loss) records.
 fn uninterrupted_run(dir: &Path) -> (PathBuf, Vec<(u64, String)>) {
@@ -173,7 +142,12 @@ fn ctrl_c_checkpoints_and_resume_continues_exactly() {
         let run = dir.path().join(format!("run{stop_after}"));
         let run_arg = run.to_str().unwrap().to_string();
         let mut child = spawn(&config, &["--run-dir", &run_arg]);
-        wait_for_records(&mut child, &run.join("metrics.jsonl"), stop_after);
+        wait_for_records(
+            &mut child,
+            &run.join("metrics.jsonl"),
+            stop_after,
+            Duration::from_secs(600),
+        );
         // SAFETY: sending SIGINT to our own child process.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let out = child.wait_with_output().unwrap();
@@ -205,7 +179,12 @@ fn sigkill_at_any_point_then_resume_matches_the_uninterrupted_run() {
         let run = dir.path().join(format!("run{i}"));
         let run_arg = run.to_str().unwrap().to_string();
         let mut child = spawn(&config, &["--run-dir", &run_arg]);
-        wait_for_records(&mut child, &run.join("metrics.jsonl"), kill_after);
+        wait_for_records(
+            &mut child,
+            &run.join("metrics.jsonl"),
+            kill_after,
+            Duration::from_secs(600),
+        );
         // A little later than the record, to land inside other work too
         // (checkpoint writes included) at different points.
         std::thread::sleep(Duration::from_millis(7 * i as u64));

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 
@@ -108,4 +110,41 @@ pub fn tiny_experiment(dir: &std::path::Path, max_epochs: u64) -> PathBuf {
     );
     std::fs::write(&config, yaml).unwrap();
     config
+}
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The `lcasr` binary with `args`, run from the repository root.
+pub fn lcasr(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lcasr"));
+    cmd.args(args).current_dir(repo());
+    cmd
+}
+
+/// A finished command's stdout and stderr, as text.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Waits until the run has logged `n` records in `metrics` (or the process
+/// ended); fails after `limit` without progress.
+pub fn wait_for_records(child: &mut Child, metrics: &Path, n: usize, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let count = std::fs::read_to_string(metrics)
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if count >= n || child.try_wait().unwrap().is_some() {
+            return;
+        }
+        assert!(start.elapsed() < limit, "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
