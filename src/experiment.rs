@@ -261,7 +261,6 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         seed: record.seed,
         config: Some(cfg),
         base_dir: PathBuf::from("."),
-        interrupts,
         run: Some(outputs),
         args: exp.script_args.clone(),
     };

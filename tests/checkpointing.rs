@@ -313,7 +313,6 @@ fn script_backward_reaches_the_parameters_of_checkpointed_blocks() {
             config: None,
             seed: 1,
             base_dir: PathBuf::from(dir.path()),
-            interrupts,
             run: None,
             args: Default::default(),
         })

@@ -49,7 +49,6 @@ fn run_with_args(
             config: None,
             seed: 1,
             base_dir: PathBuf::from(base),
-            interrupts,
             run: None,
             args: args
                 .iter()

@@ -167,9 +167,8 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Compiled, ScriptFai
 
 impl Compiled {
     /// Runs the script in a fresh session.
-    pub fn run(&self, mut setup: SessionSetup) -> Result<(), ScriptFailure> {
-        setup.interrupts = Arc::clone(&self.interrupts);
-        let session = session::install(setup);
+    pub fn run(&self, setup: SessionSetup) -> Result<(), ScriptFailure> {
+        let session = session::install(setup, Arc::clone(&self.interrupts));
         let result = self.engine.run_ast(&self.ast).map_err(|err| {
             let interrupted = is_interrupt(&err);
             let mut message = format_error(&err, &self.name, &self.sources);

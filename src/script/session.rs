@@ -25,8 +25,6 @@ pub struct SessionSetup {
     pub seed: u64,
     /// Where relative paths in the script resolve (the working directory).
     pub base_dir: PathBuf,
-    /// Ctrl-C presses so far (replaced by the compiled script's counter).
-    pub interrupts: Arc<AtomicUsize>,
     /// The run directory's writers, when the run records one.
     pub run: Option<super::run_api::RunOutputs>,
     /// Script arguments (`--set name=value`).
@@ -68,13 +66,14 @@ thread_local! {
 
 /// Installs a fresh session for the current thread; it lives until the
 /// returned guard is dropped.
-pub fn install(setup: SessionSetup) -> SessionGuard {
+/// `interrupts` counts Ctrl-C presses (shared with the signal handler).
+pub fn install(setup: SessionSetup, interrupts: Arc<AtomicUsize>) -> SessionGuard {
     let session = Session {
         config: setup.config,
         rng: RunRng::new(setup.seed),
         grads: GradStore::default(),
         base_dir: setup.base_dir,
-        interrupts: setup.interrupts,
+        interrupts,
         run: setup.run,
         tracked: None,
         args: setup.args,
