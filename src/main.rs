@@ -140,6 +140,10 @@ struct ModelArgs {
     /// with the checkpoint).
     #[arg(long, value_name = "FILE")]
     tokenizer: Option<PathBuf>,
+    /// The model was trained on log-mel features (`lcasr prepare --log-mel`)
+    /// instead of the reference's power-mel.
+    #[arg(long)]
+    log_mel: bool,
 }
 
 /// How much of a recording the model sees at once.
@@ -510,6 +514,11 @@ impl ModelArgs {
         let opts = lcasr::infer::LoadOptions {
             config: self.config.clone(),
             tokenizer: self.tokenizer.clone(),
+            recipe: if self.log_mel {
+                lcasr::audio::features::FeatureRecipe::LogMel
+            } else {
+                lcasr::audio::features::FeatureRecipe::PowerMel
+            },
             ..Default::default()
         };
         lcasr::infer::load_model(checkpoint, &opts)

@@ -229,6 +229,47 @@ fn eval_transcribe_and_plot_a_trained_model() {
     let png = image::open(&loss).unwrap();
     assert_eq!((png.width(), png.height()), lcasr::run::plot::PLOT_SIZE);
 
+    // Log-mel features: refused for a power-mel model, with the way out named;
+    // accepted with --log-mel.
+    let logmel = dir.join("logmel");
+    ok(&[
+        "prepare",
+        s(&dir.join("src")),
+        "--out",
+        s(&logmel),
+        "--log-mel",
+    ]);
+    let logmel_manifest = logmel.join("manifest.json");
+    assert_clean_error(
+        &lcasr(&["eval", s(&run), s(&logmel_manifest), "--context", "full"]),
+        1,
+        "pass --log-mel",
+    );
+    let report_dir = dir.join("logmel-report");
+    let table = ok(&[
+        "eval",
+        s(&run),
+        s(&logmel_manifest),
+        "--context",
+        "full",
+        "--log-mel",
+        "--out",
+        s(&report_dir),
+    ]);
+    assert!(table.contains("full"), "{table}");
+    assert_clean_error(
+        &lcasr(&[
+            "eval",
+            s(&run),
+            s(&manifest),
+            "--context",
+            "full",
+            "--log-mel",
+        ]),
+        1,
+        "drop --log-mel",
+    );
+
     // Bad input files: exit 1 with one clean error.
     let missing = dir.join("missing.flac");
     assert_clean_error(

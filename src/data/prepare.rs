@@ -361,11 +361,27 @@ fn cached_samples(file: &Path, hash: &str, recipe: &str) -> Option<usize> {
 
 /// Reads a cached feature file as (80, T) f32.
 pub fn load_features(path: &Path) -> Result<Tensor> {
-    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+    Ok(load_features_with_recipe(path)?.0)
+}
+
+/// Reads a cached feature file as (80, T) f32 with the recipe recorded in it
+/// by `prepare` (`None` for caches written by other tools).
+pub fn load_features_with_recipe(path: &Path) -> Result<(Tensor, Option<FeatureRecipe>)> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("cannot read features {}", path.display()))?;
+    let recipe = safetensors::SafeTensors::read_metadata(&bytes)
+        .ok()
+        .and_then(|(_, meta)| meta.metadata().as_ref()?.get(META_RECIPE).cloned())
+        .and_then(|name| {
+            [FeatureRecipe::PowerMel, FeatureRecipe::LogMel]
+                .into_iter()
+                .find(|r| format!("{r:?}") == name)
+        });
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read features {}", path.display()))?;
-    tensors
+    let features = tensors
         .get("features")
         .ok_or_else(|| anyhow!("{}: no `features` tensor", path.display()))?
-        .to_dtype(DType::F32)
-        .map_err(Into::into)
+        .to_dtype(DType::F32)?;
+    Ok((features, recipe))
 }

@@ -9,13 +9,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use super::load::LoadedModel;
 use super::longform::{log_probs_with_progress, ContextOptions, LongformMode};
-use crate::audio::features::{HOP_LENGTH, SAMPLE_RATE};
+use crate::audio::features::{FeatureRecipe, HOP_LENGTH, SAMPLE_RATE};
 use crate::data::manifest::{Manifest, Recording};
-use crate::data::prepare::load_features;
+use crate::data::prepare::load_features_with_recipe;
 use crate::decode::greedy::greedy;
 use crate::fsutil::write_atomic;
 use crate::run::plot::line_chart;
@@ -127,7 +128,7 @@ pub fn evaluate(
     let mut utterances: Vec<Vec<UttResult>> = vec![Vec::new(); contexts.len()];
     let mut done_frames = 0u64;
     for (rec, reference) in recordings.iter().zip(&references) {
-        let features = load_features(&rec.features)
+        let features = load_checked(&rec.features, model.recipe)
             .with_context(|| format!("recording `{}` of {}", rec.id, manifest.display()))?;
         let frames = features.dim(1)? as u64;
         for (ctx, out) in contexts.iter().zip(&mut utterances) {
@@ -161,6 +162,36 @@ pub fn evaluate(
         longest_recording: recordings.iter().map(|r| r.duration).fold(0.0, f64::max),
         per_context,
     })
+}
+
+/// A recording's cached features, refused when `prepare` recorded a
+/// different recipe than the model's (a power-mel model fed log-mel
+/// features decodes garbage without any other sign).
+fn load_checked(path: &Path, expected: FeatureRecipe) -> Result<Tensor> {
+    let (features, recipe) = load_features_with_recipe(path)?;
+    match recipe {
+        Some(found) if found != expected => bail!(
+            "{}: features were prepared as {} but the model takes {}: {}",
+            path.display(),
+            recipe_name(found),
+            recipe_name(expected),
+            match expected {
+                FeatureRecipe::PowerMel =>
+                    "pass --log-mel if the model was trained on log-mel features, or re-run \
+                     `lcasr prepare` without --log-mel",
+                FeatureRecipe::LogMel => "drop --log-mel, or re-run `lcasr prepare` with --log-mel",
+            }
+        ),
+        _ => Ok(features),
+    }
+}
+
+/// A recipe as the CLI names it.
+fn recipe_name(recipe: FeatureRecipe) -> &'static str {
+    match recipe {
+        FeatureRecipe::PowerMel => "power-mel (the reference's)",
+        FeatureRecipe::LogMel => "log-mel (--log-mel)",
+    }
 }
 
 /// A recording's transcript: its text, or its timed words joined by spaces.

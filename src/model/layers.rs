@@ -76,6 +76,11 @@ impl Ctx {
         *self.dropout_rng.borrow_mut() = fork.dropout_rng.borrow().clone();
     }
 
+    /// True when parameters enter the autograd graph of this forward.
+    pub fn records_graph(&self) -> bool {
+        self.graph
+    }
+
     /// The tensor of a parameter: tracked by autograd when this forward
     /// records a graph, detached otherwise.
     pub fn w(&self, v: &Var) -> Tensor {
