@@ -294,18 +294,28 @@ fn midpoint_frame(w: &Word) -> usize {
     ((w.start + w.end) / 2.0 * FRAMES_PER_SECOND).floor() as usize
 }
 
+/// A random batch: timed recordings with sparse words, and about one in four
+/// untimed, half of those short enough for one chunk.
 fn random_case(rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<Option<Vec<Word>>>, usize) {
     let chunk = rng.random_range(1..400);
     let b = rng.random_range(1..6);
     let mut lengths = Vec::new();
     let mut words = Vec::new();
     for _ in 0..b {
+        let untimed = rng.random_bool(0.25);
         // Sometimes an exact multiple of the chunk length.
-        let len = if rng.random_bool(0.3) {
+        let len = if untimed && rng.random_bool(0.5) {
+            rng.random_range(1..=chunk)
+        } else if rng.random_bool(0.3) {
             chunk * rng.random_range(1..6)
         } else {
             rng.random_range(1..2000)
         };
+        lengths.push(len);
+        if untimed {
+            words.push(None);
+            continue;
+        }
         let mut ws = Vec::new();
         let mut t = 0.0f64;
         // Sparse words, so some chunks hold none and are skipped.
@@ -323,7 +333,6 @@ fn random_case(rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<Option<Vec<Word>>>, usi
             });
             t = end;
         }
-        lengths.push(len);
         words.push(Some(ws));
     }
     (lengths, words, chunk)
@@ -333,31 +342,63 @@ fn random_case(rng: &mut ChaCha8Rng) -> (Vec<usize>, Vec<Option<Vec<Word>>>, usi
 fn chunking_properties_over_random_batches() {
     let mut rng = ChaCha8Rng::seed_from_u64(2024);
     let mut skipped_total = 0;
-    for case in 0..300 {
+    let (mut short_untimed, mut long_untimed) = (0, 0);
+    for case in 0..400 {
         let (lengths, words, s) = random_case(&mut rng);
         let chunks = chunk_batch(&lengths, &words, s).unwrap();
-        let max_len = *lengths.iter().max().unwrap();
+        // Untimed recordings longer than a chunk are trained alone.
+        let alone: Vec<usize> = (0..lengths.len())
+            .filter(|&b| words[b].is_none() && lengths[b] > s)
+            .collect();
+        let windowed: Vec<usize> = (0..lengths.len()).filter(|b| !alone.contains(b)).collect();
+        short_untimed += windowed.iter().filter(|&&b| words[b].is_none()).count();
+        long_untimed += alone.len();
+        let max_len = windowed.iter().map(|&b| lengths[b]).max().unwrap_or(0);
+        // The full-length chunks come last, one per such recording, in order.
+        let (grid, tail) = chunks.split_at(chunks.len() - alone.len());
+        for (c, &b) in tail.iter().zip(&alone) {
+            assert_eq!((c.start, c.width), (0, lengths[b]), "case {case}");
+            assert_eq!(c.items.len(), 1, "case {case}");
+            let it = &c.items[0];
+            assert_eq!((it.recording, it.valid), (b, lengths[b]), "case {case}");
+            assert!(it.whole_transcript && it.words.is_empty(), "case {case}");
+        }
         let mut assigned: Vec<Vec<(usize, String)>> = vec![Vec::new(); lengths.len()];
+        let mut whole = vec![0usize; lengths.len()];
         let mut valid_sum = vec![0usize; lengths.len()];
         let mut kept = HashSet::new();
-        for c in &chunks {
+        for c in grid {
             let (start, width, items) = (c.start, c.width, &c.items);
             // Windows never shift: starts on the grid, widths from the grid.
             assert_eq!(start % s, 0, "case {case}");
             assert_eq!(width, s.min(max_len - start), "case {case}");
             kept.insert(start);
-            let active: Vec<usize> = (0..lengths.len()).filter(|&b| start < lengths[b]).collect();
+            let active: Vec<usize> = windowed
+                .iter()
+                .copied()
+                .filter(|&b| start < lengths[b])
+                .collect();
             assert_eq!(
                 items.iter().map(|it| it.recording).collect::<Vec<_>>(),
-                active
+                active,
+                "case {case}"
             );
             assert!(
-                items.iter().any(|it| !it.words.is_empty()),
+                items
+                    .iter()
+                    .any(|it| it.whole_transcript || !it.words.is_empty()),
                 "case {case}: empty chunk kept"
             );
             for it in items {
                 assert!(it.valid > 0, "case {case}: zero-length item");
                 assert_eq!(it.valid, width.min(lengths[it.recording] - start));
+                assert_eq!(it.whole_transcript, words[it.recording].is_none());
+                if it.whole_transcript {
+                    assert!(it.words.is_empty(), "case {case}");
+                    // A short untimed recording's text is in its only window.
+                    assert_eq!((start, it.valid), (0, lengths[it.recording]));
+                    whole[it.recording] += 1;
+                }
                 valid_sum[it.recording] += it.valid;
                 for w in &it.words {
                     assigned[it.recording].push((start, w.clone()));
@@ -365,7 +406,8 @@ fn chunking_properties_over_random_batches() {
             }
         }
         // Valid lengths over kept + skipped windows add up to each length.
-        for (b, &len) in lengths.iter().enumerate() {
+        for &b in &windowed {
+            let len = lengths[b];
             let skipped: usize = (0..max_len)
                 .step_by(s)
                 .filter(|st| !kept.contains(st) && *st < len)
@@ -374,9 +416,15 @@ fn chunking_properties_over_random_batches() {
             skipped_total += usize::from(skipped > 0);
             assert_eq!(valid_sum[b] + skipped, len, "case {case} recording {b}");
         }
-        // Every word exactly once, in the chunk holding its midpoint.
+        // Every untimed transcript exactly once; every word exactly once, in
+        // the chunk holding its midpoint.
         for (b, ws) in words.iter().enumerate() {
-            let ws = ws.as_ref().unwrap();
+            let Some(ws) = ws else {
+                let n = whole[b] + usize::from(alone.contains(&b));
+                assert_eq!(n, 1, "case {case}: untimed recording {b}");
+                continue;
+            };
+            assert_eq!(whole[b], 0, "case {case}");
             assert_eq!(assigned[b].len(), ws.len(), "case {case}");
             for ((start, name), w) in assigned[b].iter().zip(ws) {
                 assert_eq!(name, &w.word);
@@ -391,6 +439,10 @@ fn chunking_properties_over_random_batches() {
     assert!(
         skipped_total > 20,
         "the random cases rarely skip chunks ({skipped_total})"
+    );
+    assert!(
+        short_untimed > 20 && long_untimed > 20,
+        "too few untimed recordings ({short_untimed} short, {long_untimed} long)"
     );
 }
 
@@ -418,12 +470,42 @@ fn boundary_cases_of_chunking() {
     assert_eq!(chunks[2].items[0].words, vec!["c"]);
     assert_eq!((chunks[3].width, chunks[3].items[0].valid), (50, 50));
 
-    // Untimed transcripts: one chunk when short enough, an error otherwise.
+    // Untimed transcripts: in the first window when short enough.
     let chunks = chunk_batch(&[30, 80], &[None, Some(vec![])], 50).unwrap();
     assert_eq!(chunks.len(), 1);
     assert!(chunks[0].items[0].whole_transcript && !chunks[0].items[1].whole_transcript);
-    let msg = format!("{:#}", chunk_batch(&[60], &[None], 50).unwrap_err());
-    assert!(msg.contains("no word timings"), "{msg}");
+    // Longer ones (130 and 60 frames) are chunks of their own at full length,
+    // after the windows, which cover only the others (at most 70 frames).
+    let lengths = [130, 70, 50, 60];
+    let words = vec![None, Some(vec![w("e", 0.6, 0.7)]), None, None];
+    let chunks = chunk_batch(&lengths, &words, 50).unwrap();
+    let shape: Vec<(usize, usize, Vec<usize>)> = chunks
+        .iter()
+        .map(|c| {
+            let items = c.items.iter().map(|it| it.recording).collect();
+            (c.start, c.width, items)
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (0, 50, vec![1, 2]),
+            (50, 20, vec![1]),
+            (0, 130, vec![0]),
+            (0, 60, vec![3])
+        ]
+    );
+    assert!(chunks[0].items[1].whole_transcript && chunks[0].items[1].valid == 50);
+    assert_eq!(chunks[1].items[0].words, vec!["e"]);
+    assert!(chunks[2].items[0].whole_transcript && chunks[2].items[0].valid == 130);
+    // Only long untimed recordings: no windows at all.
+    let chunks = chunk_batch(&[60, 51], &[None, None], 50).unwrap();
+    assert_eq!(
+        chunks.iter().map(|c| c.width).collect::<Vec<_>>(),
+        vec![60, 51]
+    );
+    let msg = format!("{:#}", chunk_batch(&[0], &[None], 50).unwrap_err());
+    assert!(msg.contains("no frames"), "{msg}");
     assert!(chunk_batch(&[10], &[None], 0).is_err());
     assert!(chunk_batch(&[10, 20], &[None], 50).is_err());
 }

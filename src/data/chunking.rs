@@ -9,10 +9,14 @@
 //! goes to its last chunk). A chunk in which no active recording has any text
 //! is skipped, and skipping never shifts the windows of later chunks.
 //!
-//! Recordings without word timings (`None`) must fit in a single chunk: their
-//! whole transcript belongs to their first chunk ([`ChunkItem::whole_transcript`]).
-//! A longer untimed recording is an error, since its text cannot be split
-//! between chunks without timings.
+//! Recordings without word timings (`None`) are never split. One that fits
+//! in a single chunk (`len <= S`) takes part in the windows like any other,
+//! and its whole transcript belongs to its first (only) window
+//! ([`ChunkItem::whole_transcript`]). A longer one is taken out of the shared
+//! windows and becomes a chunk of its own at full length (start 0, width =
+//! its length, one item carrying its whole transcript); these chunks come
+//! after the windowed chunks, in batch order. The windows are then laid over
+//! the remaining recordings only.
 
 use anyhow::{bail, Result};
 
@@ -31,8 +35,8 @@ pub struct ChunkItem {
     pub valid: usize,
     /// The words whose midpoints fall in this chunk, in transcript order.
     pub words: Vec<String>,
-    /// True when the recording has no word timings and this (single) chunk
-    /// carries its whole transcript; `words` is then empty.
+    /// True when the recording has no word timings and this chunk carries
+    /// its whole transcript; `words` is then empty.
     pub whole_transcript: bool,
 }
 
@@ -41,7 +45,8 @@ pub struct ChunkItem {
 pub struct Chunk {
     /// First frame of the window.
     pub start: usize,
-    /// Width of the window in frames (`S`, or less for the last chunk).
+    /// Width of the window in frames: `S`, or less for the last window; the
+    /// recording's full length for an untimed recording longer than `S`.
     pub width: usize,
     /// The active recordings, in batch order.
     pub items: Vec<ChunkItem>,
@@ -57,7 +62,9 @@ fn word_chunk(w: &Word, len: usize, chunk: usize) -> usize {
 }
 
 /// The kept chunks of a batch with recording `lengths` in frames, their
-/// `words` (`None`: no timings) and chunk length `chunk` in frames.
+/// `words` (`None`: no timings) and chunk length `chunk` in frames: the
+/// windowed chunks first, then one full-length chunk per untimed recording
+/// longer than `chunk`, in batch order.
 pub fn chunk_batch(
     lengths: &[usize],
     words: &[Option<Vec<Word>>],
@@ -73,7 +80,18 @@ pub fn chunk_batch(
             words.len()
         );
     }
-    let max_len = lengths.iter().copied().max().unwrap_or(0);
+    // Untimed recordings longer than a chunk are trained alone, unsplit.
+    let alone: Vec<bool> = lengths
+        .iter()
+        .zip(words)
+        .map(|(&len, ws)| ws.is_none() && len > chunk)
+        .collect();
+    let windowed = |b: usize| !alone[b];
+    let max_len = (0..lengths.len())
+        .filter(|&b| windowed(b))
+        .map(|b| lengths[b])
+        .max()
+        .unwrap_or(0);
     let n_chunks = max_len.div_ceil(chunk);
     // per_chunk[c][b]: the words of recording b assigned to chunk c.
     let mut per_chunk: Vec<Vec<Vec<String>>> = vec![vec![Vec::new(); lengths.len()]; n_chunks];
@@ -87,13 +105,8 @@ pub fn chunk_batch(
                     per_chunk[word_chunk(w, len, chunk)][b].push(w.word.clone());
                 }
             }
-            Some(_) => {}
-            None if len > chunk => bail!(
-                "recording {b} has no word timings and is longer ({len} frames) than the \
-                 chunk length ({chunk}); untimed transcripts cannot be split between chunks"
-            ),
             None if len == 0 => bail!("recording {b} has a transcript but no frames"),
-            None => {}
+            _ => {}
         }
     }
     let mut out = Vec::new();
@@ -104,7 +117,7 @@ pub fn chunk_batch(
         let items: Vec<ChunkItem> = chunk_words
             .into_iter()
             .enumerate()
-            .filter(|&(b, _)| start < lengths[b])
+            .filter(|&(b, _)| windowed(b) && start < lengths[b])
             .map(|(b, ws)| {
                 let whole_transcript = words[b].is_none();
                 has_text |= whole_transcript || !ws.is_empty();
@@ -124,6 +137,16 @@ pub fn chunk_batch(
             });
         }
     }
+    out.extend((0..lengths.len()).filter(|&b| alone[b]).map(|b| Chunk {
+        start: 0,
+        width: lengths[b],
+        items: vec![ChunkItem {
+            recording: b,
+            valid: lengths[b],
+            words: Vec::new(),
+            whole_transcript: true,
+        }],
+    }));
     Ok(out)
 }
 

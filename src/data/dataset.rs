@@ -1,19 +1,25 @@
 //! The training dataset: a prepared manifest whose feature files are read
 //! chunk by chunk (memory-mapped), so only the chunk being trained on is
 //! materialised, with background prefetch on its own thread.
+//!
+//! Feature files are our safetensors caches (a 2-D `features` tensor, written
+//! by `lcasr prepare`) or the reference's `<episode>.spec.pt` files written by
+//! `torch.save` (see [`super::torch_spec`]); the format is told by the file's
+//! first bytes, not its name.
 
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{Device, Tensor};
-use half::f16;
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
 use super::chunking::{chunk_batch, Chunk};
 use super::manifest::Manifest;
+use super::torch_spec::{is_torch_file, read_spec};
 use crate::audio::features::N_MELS;
 use crate::text::tokenizer::Tokenizer;
 
@@ -51,14 +57,7 @@ impl Dataset {
             .map(|r| {
                 let file = &r.features;
                 let map = map_file(file)?;
-                let (rows, t, _) = features_view(&map, file)?;
-                if rows != N_MELS {
-                    bail!(
-                        "{}: features have {rows} rows, expected {N_MELS}",
-                        file.display()
-                    );
-                }
-                Ok(t)
+                Ok(features_view(&map, file)?.frames)
             })
             .collect::<Result<Vec<usize>>>()?;
         Ok(Dataset {
@@ -101,16 +100,12 @@ impl Dataset {
             let rec = &self.manifest.recordings[index];
             let file = &rec.features;
             let map = map_file(file)?;
-            let (_, t, values) = features_view(&map, file)?;
+            let view = features_view(&map, file)?;
             let out = &mut data[slot * N_MELS * w..(slot + 1) * N_MELS * w];
-            let valid = item.valid.min(t.saturating_sub(chunk.start));
+            let valid = item.valid.min(view.frames.saturating_sub(chunk.start));
             for bin in 0..N_MELS {
-                let src = bin * t + chunk.start;
-                for (dst, v) in out[bin * w..bin * w + valid]
-                    .iter_mut()
-                    .zip(src..src + valid)
-                {
-                    *dst = values.get(v);
+                for (t, dst) in (chunk.start..).zip(&mut out[bin * w..bin * w + valid]) {
+                    *dst = view.get(bin, t);
                 }
             }
             let text = if item.whole_transcript {
@@ -168,6 +163,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
 /// Element access over the stored features, whatever their float type.
 enum Values<'a> {
     F16(&'a [u8]),
+    BF16(&'a [u8]),
     F32(&'a [u8]),
 }
 
@@ -175,6 +171,7 @@ impl Values<'_> {
     fn get(&self, i: usize) -> f32 {
         match self {
             Values::F16(b) => f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
+            Values::BF16(b) => bf16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32(),
             Values::F32(b) => {
                 f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
             }
@@ -182,10 +179,73 @@ impl Values<'_> {
     }
 }
 
-/// (rows, frames, values) of the `features` tensor of a mapped file.
-fn features_view<'a>(map: &'a Mmap, path: &Path) -> Result<(usize, usize, Values<'a>)> {
-    let st = SafeTensors::deserialize(map)
-        .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+/// The (rows, frames) features of a mapped file, read in place: element
+/// `(r, t)` is value `offset + r * row_stride + t * frame_stride`.
+struct FeatureView<'a> {
+    rows: usize,
+    frames: usize,
+    row_stride: usize,
+    frame_stride: usize,
+    offset: usize,
+    values: Values<'a>,
+}
+
+impl FeatureView<'_> {
+    fn get(&self, row: usize, frame: usize) -> f32 {
+        self.values
+            .get(self.offset + row * self.row_stride + frame * self.frame_stride)
+    }
+}
+
+/// The (80, T) features of a mapped safetensors cache or torch `.spec.pt`
+/// file, whose header was checked.
+fn features_view<'a>(map: &'a Mmap, path: &Path) -> Result<FeatureView<'a>> {
+    let view = if is_torch_file(map) {
+        torch_view(map, path)?
+    } else {
+        safetensors_view(map, path)?
+    };
+    if view.rows != N_MELS {
+        bail!(
+            "{}: features have {} rows, expected {N_MELS}",
+            path.display(),
+            view.rows
+        );
+    }
+    Ok(view)
+}
+
+/// The features of a torch `.spec.pt` file, strides and offset as stored.
+fn torch_view<'a>(map: &'a Mmap, path: &Path) -> Result<FeatureView<'a>> {
+    let layout = read_spec(map, path)?;
+    let bytes = &map[layout.data.clone()];
+    let values = match layout.dtype {
+        DType::F16 => Values::F16(bytes),
+        DType::BF16 => Values::BF16(bytes),
+        DType::F32 => Values::F32(bytes),
+        other => bail!(
+            "{}: features must be f16, bf16 or f32, found {other:?}",
+            path.display()
+        ),
+    };
+    Ok(FeatureView {
+        rows: layout.rows,
+        frames: layout.frames,
+        row_stride: layout.row_stride,
+        frame_stride: layout.frame_stride,
+        offset: layout.offset,
+        values,
+    })
+}
+
+/// The 2-D `features` tensor of one of our safetensors caches (row-major).
+fn safetensors_view<'a>(map: &'a Mmap, path: &Path) -> Result<FeatureView<'a>> {
+    let st = SafeTensors::deserialize(map).with_context(|| {
+        format!(
+            "{}: neither a safetensors file nor a torch file",
+            path.display()
+        )
+    })?;
     let view = st
         .tensor("features")
         .map_err(|_| anyhow!("{}: no `features` tensor", path.display()))?;
@@ -198,11 +258,19 @@ fn features_view<'a>(map: &'a Mmap, path: &Path) -> Result<(usize, usize, Values
     };
     let values = match view.dtype() {
         Dtype::F16 => Values::F16(view.data()),
+        Dtype::BF16 => Values::BF16(view.data()),
         Dtype::F32 => Values::F32(view.data()),
         other => bail!(
-            "{}: features must be f16 or f32, found {other:?}",
+            "{}: features must be f16, bf16 or f32, found {other:?}",
             path.display()
         ),
     };
-    Ok((rows, frames, values))
+    Ok(FeatureView {
+        rows,
+        frames,
+        row_stride: frames,
+        frame_stride: 1,
+        offset: 0,
+        values,
+    })
 }

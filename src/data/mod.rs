@@ -7,4 +7,5 @@ pub mod dataset;
 pub mod manifest;
 pub mod prepare;
 pub mod spec_augment;
+pub mod torch_spec;
 pub mod transcripts;
