@@ -212,6 +212,19 @@ fn reference_index_of_spec_pt_files_streams_chunks() {
             seen.extend(item.words.iter().cloned());
         }
         assert_eq!(seen, WORDS, "{name}");
+        // Evaluation reads the whole file at once, through the same view.
+        let whole = load_features(&spec_fixture(name)).unwrap();
+        assert_eq!(whole.dims2().unwrap(), (N_MELS, frames), "{name}");
+        let values = common::to_f32_vec(&whole);
+        for bin in 0..N_MELS {
+            for t in 0..frames {
+                assert_eq!(
+                    values[bin * frames + t],
+                    known(bin, t),
+                    "{name}: {bin}, {t}"
+                );
+            }
+        }
     }
 }
 

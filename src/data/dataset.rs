@@ -151,6 +151,22 @@ impl Dataset {
     }
 }
 
+/// The whole (80, T) f32 features of one cached file (our safetensors cache
+/// or a reference `.spec.pt`), for evaluation.
+pub fn read_whole_features(path: &Path) -> Result<Tensor> {
+    let map = map_file(path)?;
+    let view = features_view(&map, path)?;
+    let data: Vec<f32> = (0..view.rows)
+        .flat_map(|r| (0..view.frames).map(move |t| (r, t)))
+        .map(|(r, t)| view.get(r, t))
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (view.rows, view.frames),
+        &Device::Cpu,
+    )?)
+}
+
 fn map_file(path: &Path) -> Result<Mmap> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open features {}", path.display()))?;

@@ -365,10 +365,14 @@ pub fn load_features(path: &Path) -> Result<Tensor> {
 }
 
 /// Reads a cached feature file as (80, T) f32 with the recipe recorded in it
-/// by `prepare` (`None` for caches written by other tools).
+/// by `prepare` (`None` for caches written by other tools and for the
+/// reference's `.spec.pt` files, which are power-mel).
 pub fn load_features_with_recipe(path: &Path) -> Result<(Tensor, Option<FeatureRecipe>)> {
     let bytes =
         std::fs::read(path).with_context(|| format!("cannot read features {}", path.display()))?;
+    if super::torch_spec::is_torch_file(&bytes) {
+        return Ok((super::dataset::read_whole_features(path)?, None));
+    }
     let recipe = safetensors::SafeTensors::read_metadata(&bytes)
         .ok()
         .and_then(|(_, meta)| meta.metadata().as_ref()?.get(META_RECIPE).cloned())
