@@ -12,6 +12,7 @@ pub mod fsutil;
 pub mod hash;
 pub mod infer;
 pub mod model;
+pub mod parallel;
 pub mod run;
 pub mod runtime;
 pub mod script;

@@ -1,13 +1,59 @@
 //! BatchRenorm1d (reference §3.7) fused with its affine and a SiLU, for channels-last
 //! input (B, T, C), as a candle custom op with forward and backward.
+//!
+//! Data-parallel training synchronises the batch statistics: while a
+//! [`StatsReducer`] is installed on the calling thread ([`with_stats_reducer`]),
+//! the per-channel sums behind the mean and the variance, and in backward the
+//! per-channel gradient sums that flow through them, are summed over every
+//! rank, so a batch split over ranks is normalised as the whole batch would be.
+//! Without a reducer nothing changes.
 
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use candle_core::{bail, CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu_f32::{check_f32, cpu_slice, multiversion, sigmoid, to_vec_f32, with_f32};
 
 /// Time steps handled by one rayon task.
 const ROWS_PER_TASK: usize = 64;
+
+/// Sums per-channel statistics over the ranks of a data-parallel step
+/// (synchronised BatchRenorm).
+pub trait StatsReducer {
+    /// Replaces `values` by their element-wise sum over every rank. Every rank
+    /// makes the same calls in the same order with the same lengths.
+    fn sum(&self, values: &mut [f64]) -> Result<()>;
+}
+
+thread_local! {
+    /// The reducer of the data-parallel step running on this thread, if any.
+    static REDUCER: RefCell<Option<Rc<dyn StatsReducer>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with `reducer` installed on this thread: every training-mode
+/// [`batch_renorm_silu`] called in `f`, and the backward pass of each such op
+/// (which must also run in `f`), takes its statistics over all ranks. The
+/// previous reducer (usually none) is restored afterwards, even on a panic.
+pub fn with_stats_reducer<R>(reducer: Rc<dyn StatsReducer>, f: impl FnOnce() -> R) -> R {
+    /// Puts the previous reducer back when dropped.
+    struct Restore(Option<Rc<dyn StatsReducer>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let previous = self.0.take();
+            REDUCER.with(|r| *r.borrow_mut() = previous);
+        }
+    }
+    let previous = REDUCER.with(|r| r.borrow_mut().replace(reducer));
+    let _restore = Restore(previous);
+    f()
+}
+
+/// The reducer installed on this thread.
+fn installed_reducer() -> Option<Rc<dyn StatsReducer>> {
+    REDUCER.with(|r| r.borrow().clone())
+}
 
 /// Per-channel batch statistics of a training forward pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,6 +96,12 @@ pub enum RenormMode<'a> {
 /// BatchRenorm + affine + SiLU on `x` (B, T, C) with `weight`, `bias` (C). Returns the
 /// output and, in training mode, the batch statistics so the caller can update its
 /// running buffers. Gradients flow to `x`, `weight` and `bias`. f32 only.
+///
+/// In training mode under [`with_stats_reducer`] the statistics (returned and
+/// used) are those of the batches of all ranks together, and the gradient of
+/// `x` includes what flows through them from every rank; the gradients of
+/// `weight` and `bias` stay this rank's own (they are summed with the other
+/// parameters' gradients afterwards).
 pub fn batch_renorm_silu(
     x: &Tensor,
     weight: &Tensor,
@@ -106,11 +158,10 @@ pub fn batch_renorm_silu(
                 Some(l) if l.len() == b && l.iter().all(|&v| v <= t) => l.to_vec(),
                 Some(l) => bail!("{op}: lengths {l:?} must be {b} values <= T = {t}"),
             };
-            let count: usize = valid.iter().sum();
-            if count == 0 {
-                bail!("{op}: no valid positions to take batch statistics over");
-            }
-            let (mean, sigma) = with_f32(&x, op, |xs| Ok(batch_moments(xs, c, t, &valid)))?;
+            let reducer = installed_reducer();
+            let (mean, sigma, count) = with_f32(&x, op, |xs| {
+                batch_moments(xs, c, t, &valid, reducer.as_deref())
+            })?;
             let std: Vec<f32> = sigma.iter().map(|s| s + eps).collect();
             let r = std
                 .iter()
@@ -131,6 +182,7 @@ pub fn batch_renorm_silu(
                     valid,
                     count,
                     sigma,
+                    synchronised: reducer.is_some(),
                 }),
             };
             (renorm, Some(BatchStats { mean, std }))
@@ -148,6 +200,9 @@ struct BatchInfo {
     count: usize,
     /// sqrt(biased variance) per channel (the std without eps).
     sigma: Vec<f32>,
+    /// The statistics were taken over all ranks (`count` is the total), so the
+    /// backward pass sums its per-channel terms over all ranks too.
+    synchronised: bool,
 }
 
 /// z = ((x - mean) * inv_std * r + d) * weight + bias; y = silu(z).
@@ -224,19 +279,33 @@ fn channel_sums(
         })
 }
 
-/// Per-channel mean and sqrt(biased variance) over the counted positions.
-fn batch_moments(x: &[f32], c: usize, t_len: usize, valid: &[usize]) -> (Vec<f32>, Vec<f32>) {
-    let n = valid.iter().sum::<usize>() as f64;
+/// Per-channel mean and sqrt(biased variance) over the counted positions, and
+/// their number; with a reducer, over the counted positions of every rank
+/// (the centred squares are taken around the global mean, as in one process).
+fn batch_moments(
+    x: &[f32],
+    c: usize,
+    t_len: usize,
+    valid: &[usize],
+    reducer: Option<&dyn StatsReducer>,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     let zeros = vec![0.0f32; c];
-    let mean: Vec<f32> = channel_sums(x, c, t_len, valid, &zeros, false)
-        .iter()
-        .map(|s| (s / n) as f32)
-        .collect();
-    let sigma = channel_sums(x, c, t_len, valid, &mean, true)
-        .iter()
-        .map(|s| (s / n).sqrt() as f32)
-        .collect();
-    (mean, sigma)
+    let mut sums = channel_sums(x, c, t_len, valid, &zeros, false);
+    sums.push(valid.iter().sum::<usize>() as f64);
+    if let Some(r) = reducer {
+        r.sum(&mut sums)?;
+    }
+    let n = sums.pop().unwrap_or_default();
+    if n == 0.0 {
+        bail!("batch_renorm_silu: no valid positions to take batch statistics over");
+    }
+    let mean: Vec<f32> = sums.iter().map(|s| (s / n) as f32).collect();
+    let mut squares = channel_sums(x, c, t_len, valid, &mean, true);
+    if let Some(r) = reducer {
+        r.sum(&mut squares)?;
+    }
+    let sigma = squares.iter().map(|s| (s / n).sqrt() as f32).collect();
+    Ok((mean, sigma, n as usize))
 }
 
 multiversion! {
@@ -360,6 +429,15 @@ impl CustomOp3 for Renorm {
         let t_len = x.dim(1)?;
         let (a, b) = self.affine_coefs(&w, &bs);
         let u = self.scale();
+        let reducer = match &self.batch {
+            Some(info) if info.synchronised => Some(installed_reducer().ok_or_else(|| {
+                Error::Msg(format!(
+                    "{op}: the forward pass took its statistics over all ranks but the \
+                     backward pass runs without the ranks' reducer installed"
+                ))
+            })?),
+            _ => None,
+        };
         let (dx, dw, db) = with_f32(x, op, |xs| {
             with_f32(grad, op, |dy| {
                 let mut dx = vec![0.0f32; xs.len()];
@@ -385,7 +463,17 @@ impl CustomOp3 for Renorm {
                         },
                     );
                 if let Some(info) = &self.batch {
-                    self.add_stats_grad(xs, &mut dx, &w, &dw, &db, info, t_len);
+                    match &reducer {
+                        // The statistics' gradient needs the sums over every
+                        // rank; this rank's weight and bias gradients stay its own.
+                        Some(r) => {
+                            let mut total = [&dw[..], &db[..]].concat();
+                            r.sum(&mut total)?;
+                            let (tw, tb) = total.split_at(c);
+                            self.add_stats_grad(xs, &mut dx, &w, tw, tb, info, t_len);
+                        }
+                        None => self.add_stats_grad(xs, &mut dx, &w, &dw, &db, info, t_len),
+                    }
                 }
                 let dw: Vec<f32> = dw.iter().map(|v| *v as f32).collect();
                 let db: Vec<f32> = db.iter().map(|v| *v as f32).collect();

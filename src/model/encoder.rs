@@ -248,8 +248,10 @@ impl Encoder {
         let x = features.transpose(1, 2)?;
         let (mut x, out_lengths) = self.subsampling.forward(&x, &lengths, &ctx)?;
         let n = x.dim(1)?;
-        let uneven = out_lengths.iter().min() != out_lengths.iter().max();
-        if uneven {
+        // Masked whenever an item is shorter than the frames (a data-parallel
+        // rank's share of a chunk may hold only items shorter than its width).
+        let padded = out_lengths.iter().any(|&l| l < n);
+        if padded {
             let clamped: Vec<usize> = out_lengths.iter().map(|&l| l.min(n)).collect();
             let mask: Vec<f32> = clamped
                 .iter()
