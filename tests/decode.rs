@@ -417,22 +417,32 @@ fn word_timestamps_from_alignment() {
         tok(2, 10, 12),
         tok(3, 12, 13),
     ];
-    let words = word_timestamps(&tokens, piece, 0.08);
+    // "hello" ends at frame 6 (the [PAD] after it is skipped), 4 blank
+    // frames before "world,": its end moves 2 frames on. "world," ends 2
+    // frames before the recording does: 1 frame on.
+    let words = word_timestamps(&tokens, piece, 0.08, 15);
     assert_eq!(
         words,
         vec![
             WordTiming {
                 word: "hello".into(),
                 start: 0.16,
-                end: 0.48
+                end: 0.64
             },
             WordTiming {
                 word: "world,".into(),
                 start: 0.8,
-                end: 1.04
+                end: 1.12
             },
         ]
     );
+    // A long silence after the last word: the end moves at most 0.32 s.
+    let last = word_timestamps(&tokens, piece, 0.08, 100);
+    assert_eq!(last[1].end, 1.36);
+    // Words back to back: the end stays at the last token.
+    let tight = [tok(0, 2, 3), tok(2, 3, 5)];
+    let tight = word_timestamps(&tight, piece, 0.08, 5);
+    assert_eq!((tight[0].end, tight[1].end), (0.24, 0.4));
     let json: serde_json::Value = serde_json::from_str(&to_json(&words)).unwrap();
     assert_eq!(json["text"], "hello world,");
     assert_eq!(json["words"][1]["start"], 0.8);

@@ -145,6 +145,7 @@ pub fn transcribe_with_progress(
         &aligned,
         |id| surfaces.get(id as usize).and_then(|s| s.as_deref()),
         model.frame_seconds(),
+        frames,
     );
     Ok(Transcript {
         audio: audio.to_path_buf(),
