@@ -19,11 +19,14 @@
 //!
 //! The recomputation reproduces the first pass exactly: it starts the
 //! dropout stream where the first pass started it (same masks), and its
-//! BatchRenorm normalises with the running statistics the first pass saw and
-//! does not update them again (the reference updates them twice, a bug;
-//! reference-spec §3.7). The gradients equal those of the plain path bit for
-//! bit, provided the parameters are not changed between the forward and the
-//! backward (the recomputation reads their values at backward time).
+//! BatchRenorm normalises with the running statistics the first pass saw;
+//! neither BatchRenorm nor BatchNorm updates its running statistics again
+//! (the reference updates them twice, a bug; reference-spec §3.7). The
+//! gradients equal those of the plain path bit for bit, provided the
+//! parameters are not changed between the forward and the backward (the
+//! recomputation reads their values at backward time). Trained rotary
+//! frequencies count among a block's parameters: each checkpointed block
+//! passes on its share of their gradient.
 //! Like the kernels the blocks run on, the checkpoint nodes are CPU-only.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,7 +51,8 @@ pub(crate) fn checkpointed_block(
     x: &Tensor,
     ctx: &Ctx,
 ) -> Result<Tensor> {
-    let replay = ctx.fork(true, layer.renorm_state().map(|(_, s)| s));
+    let mut replay = ctx.fork(true, layer.renorm_state());
+    replay.recomputing = true;
     let first = ctx.fork(false, None);
     let output = layer.forward(&x.detach(), &first)?;
     ctx.continue_after(&first);
@@ -86,7 +90,7 @@ struct BlockCheckpoint {
     layer: Arc<ConformerLayer>,
     params: Vec<Var>,
     /// The context of the recomputation: the first pass's dropout position
-    /// and BatchRenorm state, recording a graph.
+    /// and BatchRenorm state, recording a graph, marked `recomputing`.
     replay: Mutex<Ctx>,
     /// The output of the graph-free first pass, until the node takes it.
     output: Mutex<Option<Tensor>>,

@@ -1,17 +1,15 @@
 //! One pre-norm macaron Conformer block and its modules (reference-spec
 //! §3.5a–§3.7): ½·FF, multi-head self-attention, the convolution module with
-//! BatchRenorm, ½·FF, and a final norm.
-
-use std::sync::Mutex;
+//! its norm (BatchRenorm by default), ½·FF, and a final norm.
 
 use candle_core::{Result, Tensor, Var};
 use lcasr_kernels::attention::{attention, AttentionOptions};
-use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
 use lcasr_kernels::depthwise_conv::depthwise_conv1d;
 use lcasr_kernels::glu::glu;
 
 use super::builder::{Builder, Init};
-use super::layers::{Ctx, Linear, Norm};
+use super::conv_norm::{ConvNormLayer, RenormState, RunningStats};
+use super::layers::{rotate_qkv, Ctx, Linear, Norm};
 use crate::config::ModelConfig;
 
 /// Feed-forward: Linear(d → e·d), tanh-GELU, Linear(e·d → d).
@@ -69,7 +67,10 @@ impl SelfAttention {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let x = ctx.zero_padding(x)?;
-        let qkv = self.qkv.forward(&x, ctx)?;
+        let mut qkv = self.qkv.forward(&x, ctx)?;
+        if let Some((cos, sin)) = &ctx.learned_rotary {
+            qkv = rotate_qkv(&qkv, cos, sin, self.n_heads, self.head_dim)?;
+        }
         let dropout =
             (ctx.train && self.dropout > 0.0).then(|| (self.dropout as f32, ctx.next_seed()));
         let opts = AttentionOptions {
@@ -89,42 +90,13 @@ impl SelfAttention {
     }
 }
 
-/// BatchRenorm running statistics (`running_mean`, `running_std`,
-/// `num_batches_tracked`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct RenormState {
-    /// Running mean per channel.
-    pub mean: Vec<f32>,
-    /// Running standard deviation per channel.
-    pub std: Vec<f32>,
-    /// Training forward passes seen.
-    pub num_batches_tracked: i64,
-}
-
-impl RenormState {
-    /// The r and d clamps for the current count (reference-spec §3.7).
-    pub fn limits(&self) -> (f32, f32) {
-        let n = self.num_batches_tracked as f64;
-        let rmax = (2.0 * n / 35000.0 + 25.0 / 35.0).clamp(1.0, 3.0);
-        let dmax = (5.0 * n / 20000.0 - 25.0 / 20.0).clamp(0.0, 5.0);
-        (rmax as f32, dmax as f32)
-    }
-}
-
-/// Momentum of the BatchRenorm running statistics.
-const RENORM_MOMENTUM: f32 = 0.01;
-/// Epsilon added to the batch standard deviation.
-const RENORM_EPS: f32 = 1e-3;
-
-/// The convolution module: pointwise conv → GLU → depthwise conv →
-/// BatchRenorm → SiLU → pointwise conv.
+/// The convolution module: pointwise conv → GLU → depthwise conv → the
+/// conv norm and SiLU ([`ConvNormLayer`]) → pointwise conv.
 struct ConvModule {
     pw1: Linear,
     dw_weight: Var,
     dw_bias: Var,
-    bn_weight: Var,
-    bn_bias: Var,
-    state: Mutex<RenormState>,
+    norm: ConvNormLayer,
     pw2: Linear,
     inner: usize,
     kernel: usize,
@@ -156,13 +128,7 @@ impl ConvModule {
                 &[inner],
                 Init::FanIn(k),
             ),
-            bn_weight: b.param(&format!("{bn}.weight"), &[inner], Init::Const(1.0)),
-            bn_bias: b.param(&format!("{bn}.bias"), &[inner], Init::Const(0.0)),
-            state: Mutex::new(RenormState {
-                mean: b.buffer(&format!("{bn}.running_mean"), &[inner], Init::Const(0.0)),
-                std: b.buffer(&format!("{bn}.running_std"), &[inner], Init::Const(1.0)),
-                num_batches_tracked: b.int_buffer(&format!("{bn}.num_batches_tracked"), 0),
-            }),
+            norm: ConvNormLayer::new(b, &bn, inner, cfg.conv_norm),
             pw2: Linear::with_shape(
                 b,
                 &format!("{name}.pointwise_conv2"),
@@ -182,55 +148,7 @@ impl ConvModule {
         let h = ctx.zero_padding(&h)?;
         let w = ctx.w(&self.dw_weight).reshape((self.inner, self.kernel))?;
         let h = depthwise_conv1d(&h, &w, &ctx.w(&self.dw_bias))?;
-        let mut live = self.state.lock().expect("renorm state");
-        let h = if ctx.train {
-            // A checkpointed block's recomputation normalises with the state
-            // of its first pass and must not update the statistics again.
-            let replay = ctx.renorm_replay.as_ref();
-            let state = replay.unwrap_or(&live);
-            let (rmax, dmax) = state.limits();
-            let lengths = if ctx.brn_stats_include_padding {
-                None
-            } else {
-                ctx.lengths.as_deref()
-            };
-            let (h, stats) = batch_renorm_silu(
-                &h,
-                &ctx.w(&self.bn_weight),
-                &ctx.w(&self.bn_bias),
-                RenormMode::Train {
-                    running_mean: &state.mean,
-                    running_std: &state.std,
-                    rmax,
-                    dmax,
-                    eps: RENORM_EPS,
-                    lengths,
-                },
-            )?;
-            if let (Some(stats), None) = (stats, replay) {
-                let st = &mut *live;
-                for (r, m) in st.mean.iter_mut().zip(&stats.mean) {
-                    *r += RENORM_MOMENTUM * (m - *r);
-                }
-                for (r, s) in st.std.iter_mut().zip(&stats.std) {
-                    *r += RENORM_MOMENTUM * (s - *r);
-                }
-                st.num_batches_tracked += 1;
-            }
-            h
-        } else {
-            batch_renorm_silu(
-                &h,
-                &ctx.w(&self.bn_weight),
-                &ctx.w(&self.bn_bias),
-                RenormMode::Eval {
-                    running_mean: &live.mean,
-                    running_std: &live.std,
-                },
-            )?
-            .0
-        };
-        drop(live);
+        let h = self.norm.forward(&h, ctx)?;
         self.pw2.forward(&h, ctx)
     }
 }
@@ -318,21 +236,32 @@ impl ConformerLayer {
         self.norm_out.forward(&x, ctx)
     }
 
-    /// The BatchRenorm state of the block's convolution module, with its
-    /// state-dict prefix (`layers.{i}.conv.fn.batch_norm`).
-    pub fn renorm_state(&self) -> Option<(String, RenormState)> {
-        self.conv.as_ref().map(|(_, c)| {
-            (
-                c.prefix.clone(),
-                c.state.lock().expect("renorm state").clone(),
-            )
-        })
+    /// The running statistics of the block's conv norm, when it keeps them,
+    /// with their state-dict prefix (`layers.{i}.conv.fn.batch_norm`).
+    pub fn running_stats(&self) -> Option<(String, RunningStats)> {
+        let (_, conv) = self.conv.as_ref()?;
+        Some((conv.prefix.clone(), conv.norm.running_stats()?))
     }
 
-    /// Replaces the BatchRenorm state (when resuming).
-    pub fn set_renorm_state(&self, state: RenormState) {
-        if let Some((_, c)) = &self.conv {
-            *c.state.lock().expect("renorm state") = state;
+    /// The BatchRenorm state of the block's conv norm, if it is one.
+    pub fn renorm_state(&self) -> Option<RenormState> {
+        match self.running_stats()? {
+            (_, RunningStats::Renorm(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Replaces the running statistics of the block's conv norm (when
+    /// resuming); fails when the block keeps none or others.
+    pub fn set_running_stats(&self, stats: RunningStats) -> anyhow::Result<()> {
+        match &self.conv {
+            Some((_, conv)) => conv
+                .norm
+                .set_running_stats(stats)
+                .map_err(|e| anyhow::anyhow!("`{}`: {e}", conv.prefix)),
+            None => {
+                anyhow::bail!("a block without a convolution module keeps no running statistics")
+            }
         }
     }
 }

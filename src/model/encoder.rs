@@ -11,9 +11,10 @@ use lcasr_kernels::rotary::{inv_freq, rotary_tables};
 
 use super::builder::{Builder, Init};
 use super::checkpointing::checkpointed_block;
-use super::conformer::{ConformerLayer, RenormState};
+use super::conformer::ConformerLayer;
+use super::conv_norm::{RenormState, RunningStats, GROUP_NORM_GROUPS};
 use super::decoder::Decoder;
-use super::layers::Ctx;
+use super::layers::{rotary_cos_sin, Ctx};
 use super::subsampling::Subsampling;
 use crate::config::{ConvNorm, ConvType, ModelConfig};
 
@@ -26,8 +27,9 @@ pub struct ForwardOptions {
     pub dropout_seed: u64,
     /// Keep every block's output (for inspection and tests).
     pub keep_layer_outputs: bool,
-    /// BatchRenorm statistics include padded frames, as the reference computed
-    /// them (needed to reproduce its training numerics exactly).
+    /// The conv norm's batch statistics (BatchRenorm, BatchNorm, GroupNorm)
+    /// include padded frames, as the reference computed them (needed to
+    /// reproduce its training numerics exactly).
     pub compat_renorm_padding: bool,
 }
 
@@ -50,11 +52,20 @@ impl EncoderOutput {
     }
 }
 
-/// Rotary buffers: the frequencies and the interpolation factor (a
-/// checkpoint's values win over the config's base).
+/// Rotary frequencies and the interpolation factor (a checkpoint's values
+/// win over the config's base).
 struct Rotary {
-    inv_freq: Vec<f32>,
+    inv_freq: Frequencies,
     factor: f32,
+}
+
+/// The rotary frequencies `rotary_pos_emb.inv_freq`.
+enum Frequencies {
+    /// A buffer; the attention kernel rotates with precomputed tables.
+    Fixed(Vec<f32>),
+    /// A trainable parameter (`learned_rotary`); the attention rotates q and
+    /// k with graph-recorded tables outside its kernel.
+    Learned(Var),
 }
 
 /// The encoder's state between stages when it is run block by block
@@ -138,11 +149,21 @@ impl Encoder {
         let rotary = cfg.use_rotary.then(|| {
             let dh = cfg.head_dim as usize;
             let computed = inv_freq(cfg.rotary_base_freq, dh);
-            let inv = if b.has("rotary_pos_emb.inv_freq") {
-                b.buffer("rotary_pos_emb.inv_freq", &[dh / 2], Init::Const(0.0))
+            let name = "rotary_pos_emb.inv_freq";
+            let inv = if cfg.learned_rotary {
+                let stored = b.has(name);
+                let var = b.param(name, &[dh / 2], Init::Const(0.0));
+                if !stored {
+                    Tensor::from_vec(computed, dh / 2, b.device())
+                        .and_then(|t| var.set(&t))
+                        .expect("a tensor of the parameter's shape");
+                }
+                Frequencies::Learned(var)
+            } else if b.has(name) {
+                Frequencies::Fixed(b.buffer(name, &[dh / 2], Init::Const(0.0)))
             } else {
-                b.accept("rotary_pos_emb.inv_freq");
-                computed
+                b.accept(name);
+                Frequencies::Fixed(computed)
             };
             let factor = if b.has("rotary_pos_emb.rotary_interpolation_factor") {
                 b.buffer(
@@ -261,7 +282,14 @@ impl Encoder {
             ctx.lengths = Some(clamped);
         }
         if let Some(r) = &self.rotary {
-            ctx.rotary = Some(Arc::new(rotary_tables(&r.inv_freq, n, r.factor)));
+            match &r.inv_freq {
+                Frequencies::Fixed(f) => {
+                    ctx.rotary = Some(Arc::new(rotary_tables(f, n, r.factor)));
+                }
+                Frequencies::Learned(v) => {
+                    ctx.learned_rotary = Some(rotary_cos_sin(&ctx.w(v), n, r.factor)?);
+                }
+            }
         }
         if let Some(w) = &self.fourier {
             x = x.broadcast_add(&fourier_features(&ctx.w(w), n, self.cfg.d_model as usize)?)?;
@@ -305,14 +333,24 @@ impl Encoder {
         Ok(out)
     }
 
-    /// The trainable parameters of block `i` (`layers.{i}.*`).
+    /// The trainable parameters block `i` reads (`layers.{i}.*`, and the
+    /// rotary frequencies when they are trained).
     fn layer_params(&self, i: usize) -> Vec<Var> {
         let prefix = format!("layers.{i}.");
-        self.params
+        let mut params: Vec<Var> = self
+            .params
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
             .map(|(_, v)| v.clone())
-            .collect()
+            .collect();
+        if let Some(Rotary {
+            inv_freq: Frequencies::Learned(v),
+            ..
+        }) = &self.rotary
+        {
+            params.push(v.clone());
+        }
+        params
     }
 
     /// The CTC head's logits for hidden states `x` of shape (B, N, d_model),
@@ -329,28 +367,16 @@ impl Encoder {
             .iter()
             .map(|(k, v)| (k.clone(), v.as_detached_tensor()))
             .collect();
-        for layer in &self.layers {
-            if let Some((prefix, s)) = layer.renorm_state() {
-                let c = s.mean.len();
-                out.insert(
-                    format!("{prefix}.running_mean"),
-                    Tensor::from_vec(s.mean, c, &self.device)?,
-                );
-                out.insert(
-                    format!("{prefix}.running_std"),
-                    Tensor::from_vec(s.std, c, &self.device)?,
-                );
-                out.insert(
-                    format!("{prefix}.num_batches_tracked"),
-                    Tensor::new(s.num_batches_tracked, &self.device)?,
-                );
-            }
+        for (prefix, stats) in self.running_stats() {
+            out.extend(stats.tensors(&prefix, &self.device)?);
         }
         if let Some(r) = &self.rotary {
-            out.insert(
-                "rotary_pos_emb.inv_freq".into(),
-                Tensor::from_vec(r.inv_freq.clone(), r.inv_freq.len(), &self.device)?,
-            );
+            if let Frequencies::Fixed(f) = &r.inv_freq {
+                out.insert(
+                    "rotary_pos_emb.inv_freq".into(),
+                    Tensor::from_slice(f, f.len(), &self.device)?,
+                );
+            }
             out.insert(
                 "rotary_pos_emb.rotary_interpolation_factor".into(),
                 Tensor::new(r.factor, &self.device)?,
@@ -359,24 +385,85 @@ impl Encoder {
         Ok(out.into_iter().collect())
     }
 
-    /// The BatchRenorm state of every block (prefix, state), in block order.
+    /// The BatchRenorm state of every block (prefix, state), in block order;
+    /// empty unless `conv_norm` is `batch_renorm`.
     pub fn renorm_states(&self) -> Vec<(String, RenormState)> {
-        self.layers
-            .iter()
-            .filter_map(|l| l.renorm_state())
+        self.running_stats()
+            .into_iter()
+            .filter_map(|(prefix, stats)| match stats {
+                RunningStats::Renorm(s) => Some((prefix, s)),
+                RunningStats::Batch(_) => None,
+            })
             .collect()
     }
 
     /// Restores BatchRenorm states saved by [`Encoder::renorm_states`].
+    ///
+    /// # Panics
+    /// When a state's width differs from its block's (states of a model of
+    /// another config).
     pub fn set_renorm_states(&self, states: &[(String, RenormState)]) {
-        for (layer, (_, s)) in self
+        for (layer, (prefix, s)) in self
             .layers
             .iter()
             .filter(|l| l.renorm_state().is_some())
             .zip(states)
         {
-            layer.set_renorm_state(s.clone());
+            if let Err(e) = layer.set_running_stats(RunningStats::Renorm(s.clone())) {
+                panic!("cannot restore `{prefix}`: {e}");
+            }
         }
+    }
+
+    /// The running statistics of every block whose conv norm keeps them
+    /// (BatchRenorm, BatchNorm), with their state-dict prefixes, in block order.
+    pub fn running_stats(&self) -> Vec<(String, RunningStats)> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.running_stats())
+            .collect()
+    }
+
+    /// The running statistics of every block, read from `tensors` named as in
+    /// [`Encoder::state_dict`] (e.g. a saved `model.safetensors`), without
+    /// changing the model.
+    pub fn running_stats_from(
+        &self,
+        tensors: &HashMap<String, Tensor>,
+    ) -> anyhow::Result<Vec<(String, RunningStats)>> {
+        self.running_stats()
+            .into_iter()
+            .map(|(prefix, live)| Ok((prefix.clone(), live.read_like(tensors, &prefix)?)))
+            .collect()
+    }
+
+    /// Restores running statistics saved by [`Encoder::running_stats`] or
+    /// read by [`Encoder::running_stats_from`]; fails, changing nothing, when
+    /// they do not match the model's blocks.
+    pub fn set_running_stats(&self, stats: &[(String, RunningStats)]) -> anyhow::Result<()> {
+        let live = self.running_stats();
+        let fits = live.len() == stats.len()
+            && live.iter().zip(stats).all(|((p, l), (q, s))| {
+                p == q && std::mem::discriminant(l) == std::mem::discriminant(s)
+            });
+        if !fits {
+            let names = |v: &[(String, RunningStats)]| {
+                v.iter()
+                    .map(|(p, _)| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            anyhow::bail!(
+                "running statistics for [{}] do not fit the model's [{}]",
+                names(stats),
+                names(&live)
+            );
+        }
+        let with_stats = self.layers.iter().filter(|l| l.running_stats().is_some());
+        for (layer, (_, s)) in with_stats.zip(stats) {
+            layer.set_running_stats(s.clone())?;
+        }
+        Ok(())
     }
 }
 
@@ -391,15 +478,19 @@ fn fourier_features(w: &Tensor, n: usize, d: usize) -> Result<Tensor> {
 
 /// Options the model cannot honour yet fail loudly instead of being ignored.
 fn refuse_unsupported(cfg: &ModelConfig) -> anyhow::Result<()> {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
     if cfg.conv_type == ConvType::Longconv {
-        problems.push("model.conv_type: `longconv` is not supported yet; use `standard`");
+        problems.push("model.conv_type: `longconv` is not supported yet; use `standard`".into());
     }
-    if cfg.conv_norm != ConvNorm::BatchRenorm && !cfg.transformer {
-        problems.push("model.conv_norm: only `batch_renorm` is supported yet");
-    }
-    if cfg.learned_rotary {
-        problems.push("model.learned_rotary: trainable rotary frequencies are not supported yet");
+    let inner = (cfg.d_model as f64 * cfg.conv_expansion_factor) as usize;
+    if cfg.conv_norm == ConvNorm::GroupNorm
+        && !cfg.transformer
+        && !inner.is_multiple_of(GROUP_NORM_GROUPS)
+    {
+        problems.push(format!(
+            "model.conv_norm: `group_norm` needs the convolution module's width \
+             (d_model x conv_expansion_factor = {inner}) to be a multiple of {GROUP_NORM_GROUPS}"
+        ));
     }
     if problems.is_empty() {
         Ok(())

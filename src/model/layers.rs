@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::builder::{Builder, Init};
-use super::conformer::RenormState;
+use super::conv_norm::RenormState;
 use crate::config::NormKind;
 
 /// What one forward pass needs besides the input: the mode, the padding and
@@ -26,6 +26,10 @@ pub struct Ctx {
     /// Rotary cos/sin tables (N x head_dim each), when rotary is on; shared
     /// with the recomputation of checkpointed blocks.
     pub rotary: Option<Arc<(Vec<f32>, Vec<f32>)>>,
+    /// cos/sin (N x head_dim each) of trainable rotary frequencies
+    /// (`learned_rotary`), recorded in the graph; the attention then rotates
+    /// q and k itself ([`rotate_qkv`]) instead of its kernel.
+    pub learned_rotary: Option<(Tensor, Tensor)>,
     /// BatchRenorm statistics include padded frames (the reference's behaviour).
     pub brn_stats_include_padding: bool,
     /// Set only while a checkpointed block recomputes its forward during
@@ -33,6 +37,9 @@ pub struct Ctx {
     /// recomputation normalises with it and leaves the live running
     /// statistics alone, so they are updated once per training forward.
     pub renorm_replay: Option<RenormState>,
+    /// True only while a checkpointed block recomputes its forward during
+    /// backward: norms with running statistics must not update them again.
+    pub recomputing: bool,
     /// Parameters enter the autograd graph (false in evaluation and in the
     /// graph-free first pass of a checkpointed block).
     graph: bool,
@@ -47,8 +54,10 @@ impl Ctx {
             lengths,
             mask: None,
             rotary: None,
+            learned_rotary: None,
             brn_stats_include_padding: false,
             renorm_replay: None,
+            recomputing: false,
             graph: train,
             dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         }
@@ -56,15 +65,17 @@ impl Ctx {
 
     /// A copy of this context whose dropout stream starts where this one is
     /// now (so it draws the same masks next), recording a graph or not, with
-    /// `renorm_replay` set as given.
+    /// `renorm_replay` set as given and `recomputing` as in this one.
     pub fn fork(&self, graph: bool, renorm_replay: Option<RenormState>) -> Ctx {
         Ctx {
             train: self.train,
             lengths: self.lengths.clone(),
             mask: self.mask.clone(),
             rotary: self.rotary.clone(),
+            learned_rotary: self.learned_rotary.clone(),
             brn_stats_include_padding: self.brn_stats_include_padding,
             renorm_replay,
+            recomputing: self.recomputing,
             graph,
             dropout_rng: RefCell::new(self.dropout_rng.borrow().clone()),
         }
@@ -224,4 +235,45 @@ impl Norm {
             Norm::Rms { weight } => rms_norm(x, &ctx.w(weight), NORM_EPS),
         }
     }
+}
+
+/// cos and sin (N, head_dim) of the rotary angles (p / `factor`) ·
+/// inv_freq[j mod head_dim/2] for positions p < `n`, built from `inv_freq`
+/// (head_dim/2) with candle ops so that gradients reach the frequencies; the
+/// layout and f32 arithmetic of `lcasr_kernels::rotary::rotary_tables`.
+pub fn rotary_cos_sin(inv_freq: &Tensor, n: usize, factor: f32) -> Result<(Tensor, Tensor)> {
+    let positions: Vec<f32> = (0..n).map(|p| p as f32 / factor).collect();
+    let positions = Tensor::from_vec(positions, (n, 1), inv_freq.device())?;
+    let half = positions.broadcast_mul(&inv_freq.reshape((1, ()))?)?;
+    let angles = Tensor::cat(&[&half, &half], 1)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Rotates q and k of an interleaved (B, N, 3·H·Dh) qkv (reference-spec
+/// §3.6: (h, dh, which) with "which" innermost) by the rotate-half rotary of
+/// the attention kernel, r(z) = z·cos + (−z[Dh/2:], z[:Dh/2])·sin, with `cos`
+/// and `sin` of shape (N, Dh); v is left as it is.
+pub fn rotate_qkv(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (b, n, _) = qkv.dims3()?;
+    let half = head_dim / 2;
+    let parts = qkv.reshape((b, n, n_heads, head_dim, 3))?;
+    let cos = cos.reshape((1, n, 1, head_dim, 1))?;
+    let sin = sin.reshape((1, n, 1, head_dim, 1))?;
+    let rotate = |z: Tensor| -> Result<Tensor> {
+        let turned = Tensor::cat(
+            &[&z.narrow(3, half, half)?.neg()?, &z.narrow(3, 0, half)?],
+            3,
+        )?;
+        z.broadcast_mul(&cos)? + turned.broadcast_mul(&sin)?
+    };
+    let q = rotate(parts.narrow(4, 0, 1)?)?;
+    let k = rotate(parts.narrow(4, 1, 1)?)?;
+    let v = parts.narrow(4, 2, 1)?;
+    Tensor::cat(&[&q, &k, &v], 4)?.reshape((b, n, 3 * n_heads * head_dim))
 }

@@ -43,7 +43,7 @@ use super::grads::{all_reduce_gradients, broadcast_model, BUCKET_ELEMS};
 use super::shard::{shard_chunk, shard_range};
 use super::sync_norm::synchronised;
 use crate::audio::features::N_MELS;
-use crate::config::Config;
+use crate::config::{Config, ConvNorm};
 use crate::data::batching::{epoch_batches, epoch_seed};
 use crate::data::chunking::Chunk;
 use crate::model::{Encoder, ForwardOptions};
@@ -117,6 +117,7 @@ struct RankOutcome {
 /// `opts.world` in-process ranks sharing each global batch
 /// (`training.batch_size` recordings).
 pub fn train_data_parallel(cfg: &Config, opts: &DataParallelOptions) -> Result<DataParallelRun> {
+    refuse_unsynchronised_norm(cfg)?;
     let plan = DirectPlan::from_config(cfg)?;
     let comms = InProcessGroup::with_ranks(opts.world)?;
     let first_failure: Mutex<Option<usize>> = Mutex::new(None);
@@ -186,10 +187,26 @@ pub fn train_data_parallel(cfg: &Config, opts: &DataParallelOptions) -> Result<D
     })
 }
 
+/// Fails for conv norms whose statistics data parallelism does not
+/// synchronise: only BatchRenorm's are taken over the whole batch, and
+/// LayerNorm and no norm keep none.
+fn refuse_unsynchronised_norm(cfg: &Config) -> Result<()> {
+    let name = match cfg.model.conv_norm {
+        _ if cfg.model.transformer => return Ok(()),
+        ConvNorm::BatchRenorm | ConvNorm::LayerNorm | ConvNorm::None => return Ok(()),
+        ConvNorm::BatchNorm => "batch_norm",
+        ConvNorm::GroupNorm => "group_norm",
+    };
+    bail!(
+        "model.conv_norm: data-parallel training supports `batch_renorm`, `layer_norm` and \
+         `none`; `{name}` is not synchronised across ranks yet (train on one rank)"
+    )
+}
+
 /// The dropout seed of `rank` from the run's per-chunk draw: the draw itself
 /// on rank 0 (so one rank is the direct run), a SplitMix64 mix of it with the
 /// rank elsewhere.
-fn rank_dropout_seed(draw: u64, rank: usize) -> u64 {
+pub fn rank_dropout_seed(draw: u64, rank: usize) -> u64 {
     if rank == 0 {
         return draw;
     }

@@ -16,7 +16,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -26,7 +26,7 @@ use super::rng::RunRngState;
 use super::sequence_schedule::SequenceScheduleState;
 use crate::fsutil::{sync_dir, write_synced};
 use crate::hash::sha256_hex;
-use crate::model::{Encoder, RenormState};
+use crate::model::Encoder;
 
 /// File holding the model's state dict.
 pub const MODEL_FILE: &str = "model.safetensors";
@@ -158,14 +158,9 @@ pub fn load_checkpoint(
         .with_context(|| format!("{MODEL_FILE} does not match {STATE_FILE}"))
         .with_context(context)?;
 
-    let renorm = model
-        .renorm_states()
-        .into_iter()
-        .map(|(prefix, _)| {
-            let s = renorm_from(&model_tensors, &prefix)?;
-            Ok((prefix, s))
-        })
-        .collect::<Result<Vec<_>>>()
+    let running = model
+        .running_stats_from(&model_tensors)
+        .with_context(|| format!("cannot read the running statistics from {MODEL_FILE}"))
         .with_context(context)?;
     opt.load_state(&opt_tensors, &file.optimizer_scalars)
         .with_context(|| format!("cannot restore the optimizer from {OPTIMIZER_FILE}"))
@@ -176,7 +171,7 @@ pub fn load_checkpoint(
             .with_context(|| format!("cannot set parameter `{name}`"))
             .with_context(context)?;
     }
-    model.set_renorm_states(&renorm);
+    model.set_running_stats(&running).with_context(context)?;
     Ok(file.training)
 }
 
@@ -414,21 +409,4 @@ fn read_hashed(dir: &Path, file: &str, hashes: &BTreeMap<String, String>) -> Res
         );
     }
     Ok(bytes)
-}
-
-/// The BatchRenorm state saved under `prefix`.
-fn renorm_from(tensors: &HashMap<String, Tensor>, prefix: &str) -> Result<RenormState> {
-    let get = |suffix: &str| {
-        let key = format!("{prefix}.{suffix}");
-        tensors
-            .get(&key)
-            .ok_or_else(|| anyhow!("{MODEL_FILE} has no `{key}`"))
-    };
-    Ok(RenormState {
-        mean: get("running_mean")?.to_dtype(DType::F32)?.to_vec1()?,
-        std: get("running_std")?.to_dtype(DType::F32)?.to_vec1()?,
-        num_batches_tracked: get("num_batches_tracked")?
-            .to_dtype(DType::I64)?
-            .to_scalar()?,
-    })
 }
