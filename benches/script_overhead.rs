@@ -65,6 +65,7 @@ fn main() {
             seed: None,
             compare_with: None,
             script_args: Default::default(),
+            ranks: None,
         };
         let start = Instant::now();
         experiment::run(&exp).unwrap_or_else(|e| panic!("{e}"));

@@ -2,6 +2,12 @@
 //! config, compile the script with its imports, set up (or reopen) the run
 //! directory with everything needed to reproduce the run, install the Ctrl-C
 //! handler, and run the script.
+//!
+//! With several ranks (`--ranks N`) the script runs data-parallel: N copies,
+//! one thread each with its own session, joined by an in-process
+//! [`Collective`] (`crate::parallel`). A GPU build maps `--gpus N` onto the
+//! same code with one process per GPU and an NCCL implementation of the
+//! trait (not part of this CPU build).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,10 +15,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{self, Config, LoadOptions, Seed};
 use crate::hash::sha256_hex;
+use crate::parallel::driver::refuse_unsynchronised_norm;
+use crate::parallel::threads::run_on_threads;
 use crate::run::metrics::{read_metrics, MetricsWriter};
 use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
@@ -20,7 +28,7 @@ use crate::run::run_dir::{
 use crate::run::tensorboard::EventWriter;
 pub use crate::script::run_api::Comparison;
 use crate::script::run_api::RunOutputs;
-use crate::script::{compile, CompileOptions, SessionSetup};
+use crate::script::{compile, CompileOptions, ScriptFailure, SessionSetup};
 
 /// What to run.
 pub struct Experiment {
@@ -48,6 +56,9 @@ pub struct Experiment {
     pub compare_with: Option<PathBuf>,
     /// Script arguments (`--set name=value`), read with `arg()`.
     pub script_args: BTreeMap<String, String>,
+    /// Data-parallel ranks (threads), at least 1; `None`: 1 for a new run,
+    /// the recorded count when resuming.
+    pub ranks: Option<usize>,
 }
 
 /// How an experiment ended.
@@ -148,16 +159,20 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         eprintln!("warning: {w}");
     }
     let cfg = loaded.config;
+    if exp.ranks == Some(0) {
+        return Err(anyhow!("--ranks must be at least 1").into());
+    }
+    if exp.ranks.is_some_and(|n| n > 1) {
+        refuse_unsynchronised_norm(&cfg)?;
+    }
     let interrupts = interrupt_counter();
-    let compiled = compile(
-        &exp.script,
-        &CompileOptions {
-            import_roots: exp.import_roots.clone(),
-            max_operations: 0,
-            interrupts: Arc::clone(&interrupts),
-        },
-    )
-    .map_err(|f| ExperimentError::Script(f.message))?;
+    let compile_opts = CompileOptions {
+        import_roots: exp.import_roots.clone(),
+        max_operations: 0,
+        interrupts: Arc::clone(&interrupts),
+    };
+    let compiled =
+        compile(&exp.script, &compile_opts).map_err(|f| ExperimentError::Script(f.message))?;
 
     let root = exp
         .run_dir
@@ -185,11 +200,16 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
             .map(|(name, _)| name.clone())
             .find(|name| Path::new(&compiled.name).file_name() == Some(name.as_ref())),
         script_args: exp.script_args.clone(),
+        ranks: exp.ranks.unwrap_or(1),
         resumes: Vec::new(),
     };
     let store = dir.checkpoints(cfg.checkpointing.keep_last as usize);
     let resume_from = if exp.mode == StartMode::Resume {
         let recorded = dir.read_record()?;
+        record.ranks = exp.ranks.unwrap_or(recorded.ranks);
+        if record.ranks > 1 {
+            refuse_unsynchronised_norm(&cfg)?;
+        }
         for mismatch in compare_records(&recorded, &record) {
             eprintln!("warning: resuming with a change: {mismatch}");
         }
@@ -228,9 +248,11 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     }
     let outputs = RunOutputs {
         dir: dir.root().to_path_buf(),
-        metrics: MetricsWriter::open(&dir.metrics_path())?,
-        tensorboard: EventWriter::create(&dir.tensorboard_dir())
-            .with_context(|| format!("cannot create {}", dir.tensorboard_dir().display()))?,
+        metrics: Some(MetricsWriter::open(&dir.metrics_path())?),
+        tensorboard: Some(
+            EventWriter::create(&dir.tensorboard_dir())
+                .with_context(|| format!("cannot create {}", dir.tensorboard_dir().display()))?,
+        ),
         checkpoints: store,
         checkpoint_files,
         resume_from,
@@ -243,6 +265,22 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         },
     };
     let comparison = outputs.comparison.clone();
+    // The other ranks keep rank 0's bookkeeping but write nothing.
+    let silent_outputs = |outputs: &RunOutputs| RunOutputs {
+        dir: outputs.dir.clone(),
+        metrics: None,
+        tensorboard: None,
+        checkpoints: outputs.checkpoints.clone(),
+        checkpoint_files: Vec::new(),
+        resume_from: outputs.resume_from.clone(),
+        last_checkpoint_recordings: 0,
+        last_checkpoint: None,
+        log_calls: 0,
+        comparison: None,
+    };
+    let others: Vec<RunOutputs> = (1..record.ranks)
+        .map(|_| silent_outputs(&outputs))
+        .collect();
     // No maintained Rust client for W&B exists: the TensorBoard events carry
     // the same scalars, and wandb imports them (said once the run ends).
     let wandb_hint = cfg.wandb.enabled.then(|| {
@@ -257,15 +295,24 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
             dir.tensorboard_dir().display()
         )
     });
-    let setup = SessionSetup {
-        seed: record.seed,
-        config: Some(cfg),
-        base_dir: PathBuf::from("."),
-        run: Some(outputs),
-        args: exp.script_args.clone(),
-    };
+    let setups: Vec<SessionSetup> = std::iter::once(outputs)
+        .chain(others)
+        .map(|run| SessionSetup {
+            seed: record.seed,
+            config: Some(cfg.clone()),
+            base_dir: PathBuf::from("."),
+            run: Some(run),
+            args: exp.script_args.clone(),
+        })
+        .collect();
     let run_dir = dir.root().to_path_buf();
-    let result = compiled.run(setup);
+    let result = if setups.len() == 1 {
+        let setup = setups.into_iter().next().expect("one rank");
+        compiled.run(setup)
+    } else {
+        drop(compiled);
+        run_ranks(&exp.script, &compile_opts, setups)?
+    };
     if let (Some(hint), true) = (
         &wandb_hint,
         result.as_ref().map_or_else(|f| f.interrupted, |_| true),
@@ -280,6 +327,55 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         Err(f) if f.interrupted => Ok(Outcome::Interrupted { run_dir }),
         Err(f) => Err(ExperimentError::Script(f.message)),
     }
+}
+
+/// Runs the script as one rank per setup (rank 0 first), each on its own
+/// thread with its own compiled copy and session, joined by an in-process
+/// group. Every rank makes the same collective calls; the first rank that
+/// fails ends the run (the others then fail with "rank r left"), and its
+/// failure is the one reported. A run every rank stopped by Ctrl-C, or whose
+/// first failure was Ctrl-C, is interrupted.
+fn run_ranks(
+    script: &Path,
+    opts: &CompileOptions,
+    setups: Vec<SessionSetup>,
+) -> Result<Result<(), ScriptFailure>> {
+    let world = setups.len();
+    // Each rank's thread takes its own setup.
+    let setups: Vec<Mutex<Option<SessionSetup>>> =
+        setups.into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let ran = run_on_threads(world, |comm| {
+        let setup = setups[comm.rank()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("each rank's setup is taken once");
+        compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
+    })?;
+    let mut failures = Vec::new();
+    for (rank, outcome) in ran.results.into_iter().enumerate() {
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(f)) => failures.push((rank, f)),
+            Err(what) => bail!("data-parallel rank {rank} of {world} panicked: {what}"),
+        }
+    }
+    let first = ran.first_failure;
+    let index = first.and_then(|r| failures.iter().position(|(rank, _)| *rank == r));
+    let Some(index) = index.or((!failures.is_empty()).then_some(0)) else {
+        return Ok(Ok(()));
+    };
+    let (rank, failure) = failures.swap_remove(index);
+    if failure.interrupted {
+        return Ok(Err(failure));
+    }
+    Ok(Err(ScriptFailure {
+        message: format!(
+            "data-parallel rank {rank} of {world} failed:\n{}",
+            failure.message
+        ),
+        interrupted: false,
+    }))
 }
 
 /// The scripts of a run under the names they get in `scripts/` of the run
@@ -385,6 +481,7 @@ pub fn reproduce(
         seed: Some(recorded.seed),
         compare_with: Some(dir.metrics_path()),
         script_args: recorded.script_args.clone(),
+        ranks: Some(recorded.ranks),
     };
     let comparison = match run(&exp)? {
         Outcome::Finished { comparison, .. } => comparison,

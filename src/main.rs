@@ -84,6 +84,14 @@ struct RunDirArgs {
     /// (repeatable; recorded in the run directory).
     #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_script_arg)]
     script_args: Vec<(String, String)>,
+    /// Train data-parallel over N ranks: N copies of the script, one thread
+    /// each, share every batch and sum their gradients, so the run trains as
+    /// one process would (default: 1, or the recorded count with --resume;
+    /// recorded for `lcasr reproduce`). Only rank 0 writes the run directory.
+    /// This CPU build has no `--gpus`: a GPU build maps `--gpus N` onto the
+    /// same code with one process per GPU and NCCL.
+    #[arg(long, value_name = "N", value_parser = parse_ranks)]
+    ranks: Option<usize>,
 }
 
 /// `NAME=VALUE` of `--set`.
@@ -93,6 +101,16 @@ fn parse_script_arg(s: &str) -> Result<(String, String), String> {
             Ok((name.trim().to_string(), value.to_string()))
         }
         _ => Err(format!("`{s}` is not NAME=VALUE")),
+    }
+}
+
+/// The N of `--ranks`: a whole number of at least 1.
+fn parse_ranks(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of ranks: give a whole number of at least 1"
+        )),
     }
 }
 
@@ -565,6 +583,7 @@ fn experiment(
         seed: None,
         compare_with: None,
         script_args: run.script_args.iter().cloned().collect(),
+        ranks: run.ranks,
     };
     match experiment::run(&exp) {
         Ok(Outcome::Finished { run_dir, .. }) => {

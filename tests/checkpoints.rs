@@ -84,16 +84,6 @@ fn steps_of(store: &CheckpointStore) -> Vec<u64> {
     store.list().unwrap().into_iter().map(|(s, _)| s).collect()
 }
 
-/// Entry names directly inside `dir`, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 /// Flips every bit of one byte in the middle of `path`.
 fn flip_byte(path: &Path) {
     let mut bytes = std::fs::read(path).unwrap();
@@ -146,7 +136,7 @@ fn retention_keeps_exactly_the_newest_k() {
     save_steps(&store, &model, opt.as_ref(), &[10, 20, 30, 40, 50, 60]);
     assert_eq!(steps_of(&store), vec![40, 50, 60]);
     assert_eq!(
-        names_in(store.dir()),
+        common::entry_names(store.dir()),
         vec![
             LATEST_FILE.to_string(),
             "step_000000040".into(),
@@ -189,7 +179,10 @@ fn saving_a_step_again_replaces_it() {
         .save(7, &model, opt.as_ref(), &state_at(7, opt.as_ref()), &[])
         .unwrap();
     assert_eq!(path, store.path_for(7));
-    assert_eq!(names_in(store.dir()), vec![LATEST_FILE, "step_000000007"]);
+    assert_eq!(
+        common::entry_names(store.dir()),
+        vec![LATEST_FILE, "step_000000007"]
+    );
 
     let (fresh, mut fresh_opt) = tiny(2);
     let (loaded, state) = store
@@ -316,7 +309,7 @@ fn temporary_leftovers_are_ignored_and_can_be_removed() {
 
     assert_eq!(store.remove_leftovers().unwrap(), 3);
     assert_eq!(
-        names_in(store.dir()),
+        common::entry_names(store.dir()),
         vec![
             LATEST_FILE,
             "step_000000002",
@@ -390,7 +383,7 @@ fn bad_extra_file_names_are_refused() {
         assert!(msg.contains(extra[0].0) && msg.contains(wanted), "{msg}");
     }
     assert!(!dir.exists());
-    assert_eq!(names_in(tmp.path()), Vec::<String>::new());
+    assert_eq!(common::entry_names(tmp.path()), Vec::<String>::new());
 }
 
 #[test]

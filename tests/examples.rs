@@ -11,11 +11,11 @@
 
 mod common;
 
-use common::{lcasr, repo, text, wait_for_records};
+use common::{lcasr, repo, text};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
@@ -274,20 +274,12 @@ fn curriculum_doubles_the_chunk_length_on_plateaus_and_resumes_exactly() {
         run.to_str().unwrap(),
     ];
     args.extend_from_slice(&overrides);
-    let mut child = lcasr(&args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_records(
-        &mut child,
+    let out = common::interrupt_after_records(
+        &args,
         &run.join("metrics.jsonl"),
         3,
         Duration::from_secs(300),
     );
-    // SAFETY: sending SIGINT to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     assert!(curriculum_trace(&run).len() < want.len(), "stopped early");
     let mut args = overrides.to_vec();

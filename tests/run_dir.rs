@@ -1,6 +1,8 @@
 //! Run directories: start modes and their refusals, the run record, scripts,
 //! atomic writes, record comparison for `lcasr reproduce`, git and timestamps.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -28,17 +30,8 @@ fn record() -> RunRecord {
         entry_script: None,
         script_args: BTreeMap::new(),
         resumes: Vec::new(),
+        ranks: 1,
     }
-}
-
-/// Entry names directly inside `dir`, sorted.
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
 }
 
 const SUBDIRS: [&str; 4] = ["checkpoints", "plots", "scripts", "tensorboard"];
@@ -49,7 +42,7 @@ fn new_creates_the_layout_and_refuses_a_non_empty_directory() {
     let root = tmp.path().join("runs/first");
     let run = RunDir::start(&root, StartMode::New).unwrap();
     assert_eq!(run.root(), root);
-    assert_eq!(names_in(&root), SUBDIRS);
+    assert_eq!(common::entry_names(&root), SUBDIRS);
     assert_eq!(run.metrics_path(), root.join("metrics.jsonl"));
     assert_eq!(run.tensorboard_dir(), root.join("tensorboard"));
     assert_eq!(run.plots_dir(), root.join("plots"));
@@ -89,9 +82,9 @@ fn force_replaces_a_run_directory() {
     std::fs::create_dir(run.path("checkpoints/step_000000001")).unwrap();
 
     let run = RunDir::start(&root, StartMode::Force).unwrap();
-    assert_eq!(names_in(run.root()), SUBDIRS);
-    assert!(names_in(&run.scripts_dir()).is_empty());
-    assert!(names_in(&run.path("checkpoints")).is_empty());
+    assert_eq!(common::entry_names(run.root()), SUBDIRS);
+    assert!(common::entry_names(&run.scripts_dir()).is_empty());
+    assert!(common::entry_names(&run.path("checkpoints")).is_empty());
 }
 
 #[test]
@@ -101,7 +94,7 @@ fn force_accepts_a_run_that_stopped_before_its_manifest() {
     let run = RunDir::start(&root, StartMode::New).unwrap();
     run.write_config("seed: 1\n").unwrap();
     RunDir::start(&root, StartMode::Force).unwrap();
-    assert_eq!(names_in(&root), SUBDIRS);
+    assert_eq!(common::entry_names(&root), SUBDIRS);
 }
 
 #[test]
@@ -123,7 +116,10 @@ fn force_refuses_to_delete_a_folder_that_is_not_a_run() {
         std::fs::read(root.join("chapter1.tex")).unwrap(),
         b"precious"
     );
-    assert_eq!(names_in(&root), vec!["chapter1.tex", "checkpoints"]);
+    assert_eq!(
+        common::entry_names(&root),
+        vec!["chapter1.tex", "checkpoints"]
+    );
 }
 
 #[test]
@@ -203,8 +199,11 @@ fn scripts_are_kept_as_loaded_and_names_may_not_escape() {
         let err = run.write_script(bad, "evil();").unwrap_err();
         assert!(format!("{err:#}").contains(&format!("`{bad}`")), "{err:#}");
     }
-    assert_eq!(names_in(tmp.path()), vec!["run"]);
-    assert_eq!(names_in(&run.scripts_dir()), vec!["lib", "train.rhai"]);
+    assert_eq!(common::entry_names(tmp.path()), vec!["run"]);
+    assert_eq!(
+        common::entry_names(&run.scripts_dir()),
+        vec!["lib", "train.rhai"]
+    );
 }
 
 #[test]
@@ -232,8 +231,8 @@ fn rewrites_are_atomic_and_leave_no_temporary_files() {
     let mut want: Vec<String> = SUBDIRS.iter().map(|s| s.to_string()).collect();
     want.extend(["config.yaml".into(), "manifest.json".into()]);
     want.sort();
-    assert_eq!(names_in(tmp.path()), want);
-    assert_eq!(names_in(&run.scripts_dir()), vec!["train.rhai"]);
+    assert_eq!(common::entry_names(tmp.path()), want);
+    assert_eq!(common::entry_names(&run.scripts_dir()), vec!["train.rhai"]);
 }
 
 #[test]

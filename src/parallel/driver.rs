@@ -31,17 +31,18 @@
 //! continues at the next global batch.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
-use super::collective::{Collective, InProcessGroup};
+use super::collective::Collective;
 use super::grads::{all_reduce_gradients, broadcast_model, BUCKET_ELEMS};
 use super::shard::{shard_chunk, shard_range};
 use super::sync_norm::synchronised;
+use super::threads::run_on_threads;
 use crate::audio::features::N_MELS;
 use crate::config::{Config, ConvNorm};
 use crate::data::batching::{epoch_batches, epoch_seed};
@@ -53,9 +54,6 @@ use crate::train::rng::RunRng;
 use crate::train::state::{
     load_checkpoint, save_checkpoint, TrainingCounters, TrainingState, STATE_FILE,
 };
-
-/// Stack size of a rank's thread (backward walks the graph recursively).
-const RANK_STACK: usize = 64 << 20;
 
 /// How to run a data-parallel training.
 #[derive(Clone, Debug)]
@@ -119,54 +117,19 @@ struct RankOutcome {
 pub fn train_data_parallel(cfg: &Config, opts: &DataParallelOptions) -> Result<DataParallelRun> {
     refuse_unsynchronised_norm(cfg)?;
     let plan = DirectPlan::from_config(cfg)?;
-    let comms = InProcessGroup::with_ranks(opts.world)?;
-    let first_failure: Mutex<Option<usize>> = Mutex::new(None);
     let start = Instant::now();
-    let joined = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(comms.len());
-        for comm in comms {
-            let (plan, first_failure) = (&plan, &first_failure);
-            let rank = comm.rank();
-            let handle = std::thread::Builder::new()
-                .name(format!("lcasr-rank-{rank}"))
-                .stack_size(RANK_STACK)
-                .spawn_scoped(s, move || {
-                    let comm: Arc<dyn Collective> = Arc::new(comm);
-                    let outcome = run_rank(plan, &comm, opts);
-                    if outcome.is_err() {
-                        let mut first = first_failure.lock().unwrap_or_else(|e| e.into_inner());
-                        first.get_or_insert(rank);
-                    }
-                    // Leaving the group now wakes any rank waiting for this one.
-                    drop(comm);
-                    outcome
-                })
-                .with_context(|| format!("cannot start the thread of rank {rank}"))?;
-            handles.push(handle);
-        }
-        Ok::<_, anyhow::Error>(handles.into_iter().map(|h| h.join()).collect::<Vec<_>>())
-    })?;
-    let mut outcomes = Vec::with_capacity(joined.len());
+    let ran = run_on_threads(opts.world, |comm| run_rank(&plan, &comm, opts))?;
+    let mut outcomes = Vec::with_capacity(opts.world);
     let mut errors = Vec::new();
-    for (rank, result) in joined.into_iter().enumerate() {
+    for (rank, result) in ran.results.into_iter().enumerate() {
         match result {
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                bail!("rank {rank} panicked: {what}");
-            }
+            Err(what) => bail!("rank {rank} panicked: {what}"),
             Ok(Err(e)) => errors.push((rank, e)),
             Ok(Ok(outcome)) => outcomes.push(outcome),
         }
     }
     if !errors.is_empty() {
-        let first = first_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unwrap_or(errors[0].0);
+        let first = ran.first_failure.unwrap_or(errors[0].0);
         let (rank, e) = errors
             .into_iter()
             .find(|(r, _)| *r == first)
@@ -190,7 +153,7 @@ pub fn train_data_parallel(cfg: &Config, opts: &DataParallelOptions) -> Result<D
 /// Fails for conv norms whose statistics data parallelism does not
 /// synchronise: only BatchRenorm's are taken over the whole batch, and
 /// LayerNorm and no norm keep none.
-fn refuse_unsynchronised_norm(cfg: &Config) -> Result<()> {
+pub fn refuse_unsynchronised_norm(cfg: &Config) -> Result<()> {
     let name = match cfg.model.conv_norm {
         _ if cfg.model.transformer => return Ok(()),
         ConvNorm::BatchRenorm | ConvNorm::LayerNorm | ConvNorm::None => return Ok(()),

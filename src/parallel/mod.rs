@@ -14,6 +14,7 @@ pub mod driver;
 pub mod grads;
 pub mod shard;
 pub mod sync_norm;
+pub mod threads;
 
 pub use collective::{Collective, InProcessComm, InProcessGroup, RankLeft};
 pub use driver::{train_data_parallel, DataParallelOptions, DataParallelRun};

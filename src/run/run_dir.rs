@@ -75,6 +75,10 @@ pub struct RunRecord {
     /// Script arguments (`--set name=value`).
     #[serde(default)]
     pub script_args: BTreeMap<String, String>,
+    /// Data-parallel ranks the run trained with (`--ranks`; 1 for a single
+    /// process and for runs recorded before ranks existed).
+    #[serde(default = "one_rank")]
+    pub ranks: usize,
     /// sha256 of the tokenizer file, when the run uses one.
     pub tokenizer_sha256: Option<String>,
     /// sha256 of the training data manifest, when the run uses one.
@@ -82,6 +86,11 @@ pub struct RunRecord {
     /// Every time the run was resumed, in order.
     #[serde(default)]
     pub resumes: Vec<ResumeRecord>,
+}
+
+/// The rank count of a run record without one.
+fn one_rank() -> usize {
+    1
 }
 
 /// One resumption of a run.
@@ -282,14 +291,20 @@ pub fn git_commit(dir: &Path) -> Option<String> {
 }
 
 /// The mismatches between a recorded run and the inputs of a run about to
-/// reproduce it (seed, config, scripts, tokenizer, data manifest), one
-/// human-readable line each; empty when they all match.
+/// reproduce it (seed, data-parallel ranks, config, scripts, tokenizer, data
+/// manifest), one human-readable line each; empty when they all match.
 pub fn compare_records(recorded: &RunRecord, current: &RunRecord) -> Vec<String> {
     let mut out = Vec::new();
     if recorded.seed != current.seed {
         out.push(format!(
             "seed differs (recorded {}, now {})",
             recorded.seed, current.seed
+        ));
+    }
+    if recorded.ranks != current.ranks {
+        out.push(format!(
+            "data-parallel ranks differ (recorded {}, now {})",
+            recorded.ranks, current.ranks
         ));
     }
     if recorded.config_sha256 != current.config_sha256 {

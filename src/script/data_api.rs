@@ -6,6 +6,13 @@
 //! the batch size and the recordings already done, and the order in use is
 //! saved in checkpoints, so a resumed run trains the same batches and chunks
 //! in the same order as an uninterrupted one.
+//!
+//! In a data-parallel run every rank draws the same batches and plans the
+//! same chunks of each, but loads only its own recordings' items of each
+//! chunk (`crate::parallel::shard`). A rank with none of a chunk's items gets
+//! a stand-in: one silent item as wide as the chunk, whose loss counts
+//! nothing, so that every rank runs every chunk's forward and backward (and
+//! takes part in their exchanges).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -20,14 +27,17 @@ use serde::{Deserialize, Serialize};
 use super::errors::{script_error, IntoScript, ScriptResult};
 use super::model_api::int_array;
 use super::run_api::step_boundary;
-use super::session;
+use super::session::{self, ChunkShard};
 use super::tensor_api::Tensor;
-use super::train_api::Targets;
+use super::train_api::{TargetShard, Targets};
+use crate::audio::features::N_MELS;
 use crate::config::SpecAugmentConfig;
 use crate::data::batching::{epoch_batches, epoch_seed};
 use crate::data::chunking::Chunk as PlannedChunk;
 use crate::data::dataset::{Dataset as DataImpl, TrainChunk};
-use crate::data::spec_augment::{spec_augment_tensor, SpecAugmentOptions};
+use crate::data::spec_augment::{spec_augment, spec_augment_tensor, SpecAugmentOptions};
+use crate::parallel::shard::{shard_chunk, shard_range};
+use crate::parallel::Collective;
 use crate::text::tokenizer::Tokenizer as TokImpl;
 
 /// A tokenizer in a script.
@@ -122,6 +132,8 @@ pub struct Chunks {
     batch: Arc<Vec<usize>>,
     plan: Arc<Vec<PlannedChunk>>,
     skip: usize,
+    /// (rank, ranks) of a data-parallel run.
+    group: Option<(usize, usize)>,
 }
 
 /// One training chunk.
@@ -130,14 +142,82 @@ pub struct Chunk {
     chunk: Arc<TrainChunk>,
     index: usize,
     count: usize,
+    /// Valid frames of the whole chunk (over every rank).
+    frames: usize,
+    /// This rank's part of a data-parallel chunk.
+    shard: Option<TargetShard>,
+}
+
+/// One planned chunk as this rank trains it.
+struct Part {
+    /// The items this rank loads (all of them in a single process).
+    planned: PlannedChunk,
+    /// Valid frames of the whole chunk.
+    frames: usize,
+    /// The whole chunk and this rank's items of it, in a data-parallel run.
+    shard: Option<ChunkShard>,
+}
+
+impl Part {
+    /// `chunk` of a batch of `batch_len` recordings as rank `group.0` of
+    /// `group.1` trains it.
+    fn of(chunk: &PlannedChunk, group: Option<(usize, usize)>, batch_len: usize) -> Part {
+        let frames = chunk.items.iter().map(|i| i.valid).sum();
+        let Some((rank, world)) = group else {
+            return Part {
+                planned: chunk.clone(),
+                frames,
+                shard: None,
+            };
+        };
+        let positions = shard_range(batch_len, world, rank);
+        let mine = chunk
+            .items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| positions.contains(&item.recording))
+            .map(|(k, _)| k)
+            .collect();
+        Part {
+            planned: shard_chunk(chunk, &positions),
+            frames,
+            shard: Some(ChunkShard {
+                lengths: chunk.items.iter().map(|i| i.valid).collect(),
+                mine,
+            }),
+        }
+    }
+
+    /// True for a data-parallel rank without items in this chunk.
+    fn is_stand_in(&self) -> bool {
+        self.shard.as_ref().is_some_and(|s| s.mine.is_empty())
+    }
+}
+
+/// The stand-in of a chunk `width` frames wide: one silent item, all of it
+/// valid, without targets.
+fn stand_in(width: usize) -> Result<TrainChunk> {
+    Ok(TrainChunk {
+        features: candle_core::Tensor::zeros(
+            (1, N_MELS, width),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )?,
+        lengths: vec![width],
+        targets: vec![Vec::new()],
+        recordings: Vec::new(),
+        start: 0,
+    })
 }
 
 /// The iterator behind `for chunk in chunks`.
 pub struct ChunkIter {
     data: Dataset,
     rx: Receiver<Result<TrainChunk>>,
+    parts: std::vec::IntoIter<Part>,
     next: usize,
     count: usize,
+    in_group: bool,
 }
 
 impl IntoIterator for Chunks {
@@ -146,13 +226,23 @@ impl IntoIterator for Chunks {
 
     fn into_iter(self) -> ChunkIter {
         let data = Arc::clone(&self.data.lock().data);
-        let rest: Vec<PlannedChunk> = self.plan[self.skip.min(self.plan.len())..].to_vec();
-        let rx = data.prefetch(self.batch.to_vec(), rest, 2);
+        let parts: Vec<Part> = self.plan[self.skip.min(self.plan.len())..]
+            .iter()
+            .map(|c| Part::of(c, self.group, self.batch.len()))
+            .collect();
+        let loads: Vec<PlannedChunk> = parts
+            .iter()
+            .filter(|p| !p.is_stand_in())
+            .map(|p| p.planned.clone())
+            .collect();
+        let rx = data.prefetch(self.batch.to_vec(), loads, 2);
         ChunkIter {
             data: self.data,
             rx,
+            parts: parts.into_iter(),
             next: self.skip,
             count: self.plan.len(),
+            in_group: self.group.is_some(),
         }
     }
 }
@@ -162,6 +252,11 @@ impl Iterator for ChunkIter {
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.count {
+            if self.in_group {
+                if let Err(e) = session::enter_chunk(None) {
+                    return Some(Err(e));
+                }
+            }
             return None;
         }
         if let Err(e) = step_boundary() {
@@ -169,10 +264,24 @@ impl Iterator for ChunkIter {
         }
         let index = self.next;
         self.next += 1;
-        let loaded = match self.rx.recv() {
-            Ok(r) => r.script(),
-            Err(_) => Err(script_error("the chunk loader stopped unexpectedly")),
+        let part = self.parts.next()?;
+        let loaded = if part.is_stand_in() {
+            stand_in(part.planned.width).script()
+        } else {
+            match self.rx.recv() {
+                Ok(r) => r.script(),
+                Err(_) => Err(script_error("the chunk loader stopped unexpectedly")),
+            }
         };
+        let shard = part.shard.as_ref().map(|s| TargetShard {
+            global_items: s.lengths.len(),
+            stand_in: s.mine.is_empty(),
+        });
+        if self.in_group {
+            if let Err(e) = session::enter_chunk(part.shard) {
+                return Some(Err(e));
+            }
+        }
         Some(loaded.map(|chunk| {
             // Counted as trained once handed out: checkpoints are taken at
             // step boundaries, after the chunk was used.
@@ -181,9 +290,121 @@ impl Iterator for ChunkIter {
                 chunk: Arc::new(chunk),
                 index,
                 count: self.count,
+                frames: part.frames,
+                shard,
             }
         }))
     }
+}
+
+/// SpecAugment of this rank's part of a data-parallel chunk exactly as the
+/// whole chunk would be augmented: the masks of every item of the chunk are
+/// drawn (so every rank's random stream stays where a single process's
+/// would be), on a stand-in of the chunk whose other ranks' items hold the
+/// mean of their valid values (so the mask value, the chunk's valid mean
+/// unless masks are zeros, is the whole chunk's); this rank's rows are
+/// returned. A stand-in chunk's features come back unchanged.
+fn spec_augment_shard(
+    x: &candle_core::Tensor,
+    shard: &ChunkShard,
+    cfg: &SpecAugmentConfig,
+    comm: &dyn Collective,
+) -> ScriptResult<Tensor> {
+    let (b, freq, time) = x.dims3().script()?;
+    let mine: Vec<f32> = x
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .script()?;
+    let rows = if shard.mine.is_empty() { 0 } else { b };
+    let (mut sum, mut count) = (0.0f64, 0.0f64);
+    for (j, &k) in shard.mine.iter().enumerate().take(rows) {
+        let len = shard.lengths[k].min(time);
+        for f in 0..freq {
+            let row = (j * freq + f) * time;
+            sum += mine[row..row + len].iter().map(|&v| v as f64).sum::<f64>();
+        }
+        count += (freq * len) as f64;
+    }
+    let mut totals = [sum, count];
+    if !cfg.zero_masking {
+        comm.all_reduce_sum_f64(&mut totals)
+            .map_err(|e| script_error(format!("spec_augment(): {e:#}")))?;
+    }
+    let others = totals[1] - count;
+    let fill = if others > 0.0 {
+        ((totals[0] - sum) / others) as f32
+    } else {
+        0.0
+    };
+    let global = shard.lengths.len();
+    let mut data = vec![0f32; global * freq * time];
+    for (k, &len) in shard.lengths.iter().enumerate() {
+        let out = &mut data[k * freq * time..(k + 1) * freq * time];
+        match shard.mine.iter().position(|&m| m == k) {
+            Some(j) => out.copy_from_slice(&mine[j * freq * time..(j + 1) * freq * time]),
+            None => {
+                for f in 0..freq {
+                    out[f * time..f * time + len.min(time)].fill(fill);
+                }
+            }
+        }
+    }
+    session::with(|s| {
+        s.since_step = true;
+        let rng = s.rng.stream("spec_augment");
+        spec_augment(
+            &mut data,
+            global,
+            freq,
+            time,
+            &shard.lengths,
+            cfg,
+            rng,
+            SpecAugmentOptions::default(),
+        );
+        Ok(())
+    })?;
+    if rows == 0 {
+        return Ok(Tensor(x.clone()));
+    }
+    let picked: Vec<f32> = shard
+        .mine
+        .iter()
+        .flat_map(|&k| data[k * freq * time..(k + 1) * freq * time].iter().copied())
+        .collect();
+    candle_core::Tensor::from_vec(picked, (b, freq, time), x.device())
+        .and_then(|t| t.to_dtype(x.dtype()))
+        .script()
+        .map(Tensor)
+}
+
+/// The current data-parallel chunk when `x` with `lengths` is this rank's
+/// part of it (its features as handed out), with the group.
+fn shard_of(
+    x: &candle_core::Tensor,
+    lengths: &[usize],
+) -> ScriptResult<Option<(ChunkShard, Arc<dyn Collective>)>> {
+    let Some(comm) = session::comm() else {
+        return Ok(None);
+    };
+    let shard = session::with(|s| Ok(s.rank.as_ref().and_then(|r| r.chunk.clone())))?;
+    let Some(shard) = shard else {
+        return Ok(None);
+    };
+    let rows = x.dims().first().copied().unwrap_or(0);
+    let fits = if shard.mine.is_empty() {
+        rows == 1 && lengths.len() == 1
+    } else {
+        rows == shard.mine.len()
+            && lengths.len() == rows
+            && shard
+                .mine
+                .iter()
+                .zip(lengths)
+                .all(|(&k, &l)| shard.lengths[k] == l)
+    };
+    Ok(fits.then_some((shard, comm)))
 }
 
 fn ids(data: &DataImpl, indices: &[usize]) -> Array {
@@ -338,6 +559,8 @@ pub mod data_module {
     /// The chunks of `batch` at `chunk_size` frames: each word goes to the
     /// chunk holding its midpoint; chunks without text are skipped. Inside a
     /// batch that a stopped run was training, the chunks it already trained are skipped.
+    /// In a data-parallel run each chunk holds this rank's recordings' items
+    /// (a stand-in when it has none: one silent item whose loss counts nothing).
     #[rhai_fn(return_raw)]
     pub fn chunks(
         d: &mut Dataset,
@@ -350,6 +573,7 @@ pub mod data_module {
             )));
         }
         let cs = chunk_size as usize;
+        let group = session::comm().map(|c| (c.rank(), c.world_size()));
         let mut inner = d.lock();
         let plan = inner.data.plan(&batch.0, cs).script()?;
         let current = inner.pos.pending.first() == Some(&*batch.0);
@@ -368,6 +592,7 @@ pub mod data_module {
             batch: batch.0,
             plan: Arc::new(plan),
             skip,
+            group,
         })
     }
 
@@ -399,9 +624,11 @@ pub mod data_module {
         };
         let chunk = data.load(&[i], &planned).script()?;
         Ok(Chunk {
+            frames: chunk.lengths.iter().sum(),
             chunk: Arc::new(chunk),
             index: 0,
             count: 1,
+            shard: None,
         })
     }
 
@@ -459,13 +686,14 @@ pub mod data_module {
     /// Target token ids per item.
     #[rhai_fn(get = "targets", pure)]
     pub fn targets(c: &mut Chunk) -> Targets {
-        Targets(Arc::new(c.chunk.targets.clone()))
+        Targets(Arc::new(c.chunk.targets.clone()), c.shard)
     }
 
-    /// Valid input frames in the chunk (all items).
+    /// Valid input frames in the chunk (all items; in a data-parallel run,
+    /// those of every rank: what the whole chunk's loss is divided by).
     #[rhai_fn(get = "frames", pure)]
     pub fn frames(c: &mut Chunk) -> i64 {
-        c.chunk.lengths.iter().sum::<usize>() as i64
+        c.frames as i64
     }
 
     /// Position of the chunk in its batch (from 0).
@@ -480,10 +708,14 @@ pub mod data_module {
         c.index + 1 == c.count
     }
 
-    /// Number of items.
+    /// Number of items (in a data-parallel run, this rank's; 0 for a stand-in).
     #[rhai_fn(get = "size", pure)]
     pub fn size(c: &mut Chunk) -> i64 {
-        c.chunk.lengths.len() as i64
+        if c.shard.is_some_and(|s| s.stand_in) {
+            0
+        } else {
+            c.chunk.lengths.len() as i64
+        }
     }
 
     /// Prints as `Chunk(3 of 5: 4 x 1024 frames)`.
@@ -495,12 +727,20 @@ pub mod data_module {
 
     /// SpecAugment on (B, F, T) features from the `spec_augment` config map,
     /// with random numbers from the run's seeded `spec_augment` stream; masks
-    /// never touch padding.
-    #[rhai_fn(return_raw)]
-    pub fn spec_augment(x: Tensor, lengths: Array, cfg: Map) -> Result<Tensor, Box<EvalAltResult>> {
+    /// never touch padding. In a data-parallel run, a chunk's features (as
+    /// handed out) get the masks a single process would give their items.
+    #[rhai_fn(name = "spec_augment", return_raw)]
+    pub fn spec_augment_fn(
+        x: Tensor,
+        lengths: Array,
+        cfg: Map,
+    ) -> Result<Tensor, Box<EvalAltResult>> {
         let cfg: SpecAugmentConfig = rhai::serde::from_dynamic(&Dynamic::from_map(cfg))
             .map_err(|e| script_error(format!("spec_augment(): bad config map: {e}")))?;
         let lengths = super::super::model_api::lengths_from(&lengths)?;
+        if let Some((shard, comm)) = shard_of(&x.0, &lengths)? {
+            return spec_augment_shard(&x.0, &shard, &cfg, comm.as_ref());
+        }
         session::with(|s| {
             s.since_step = true;
             let rng = s.rng.stream("spec_augment");

@@ -17,6 +17,8 @@ use super::run_api::Progress;
 use super::session::{self, SessionSetup};
 use super::tensor_api::Tensor;
 use super::train_api::{LrSchedule, Optimizer, SequenceSchedule, Targets};
+use crate::parallel::sync_norm::synchronised_switched;
+use crate::parallel::Collective;
 
 /// Limits that catch runaway scripts (recursion, huge literals) without
 /// bounding how long a training loop may run.
@@ -134,7 +136,12 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Compiled, ScriptFai
     engine.disable_symbol("eval");
     engine.set_fail_on_invalid_map_property(true);
     set_limits(&mut engine, opts.max_operations);
-    engine.on_print(|text| println!("{text}"));
+    // Only the lead rank of a data-parallel run prints.
+    engine.on_print(|text| {
+        if session::is_lead() {
+            println!("{text}")
+        }
+    });
     engine.on_debug(|text, source, pos| {
         tracing::debug!("{}:{pos}: {text}", source.unwrap_or("script"));
     });
@@ -168,8 +175,26 @@ pub fn compile(path: &Path, opts: &CompileOptions) -> Result<Compiled, ScriptFai
 impl Compiled {
     /// Runs the script in a fresh session.
     pub fn run(&self, setup: SessionSetup) -> Result<(), ScriptFailure> {
+        self.run_in_group(setup, None)
+    }
+
+    /// Runs the script in a fresh session on this thread as one rank of the
+    /// data-parallel group `comm` (`None`: a single process). The rank's
+    /// BatchRenorm statistics are synchronised over the group for the whole
+    /// run; only rank 0 writes the run directory and prints.
+    pub fn run_in_group(
+        &self,
+        setup: SessionSetup,
+        comm: Option<Arc<dyn Collective>>,
+    ) -> Result<(), ScriptFailure> {
         let session = session::install(setup, Arc::clone(&self.interrupts));
-        let result = self.engine.run_ast(&self.ast).map_err(|err| {
+        let ran = match comm {
+            None => self.engine.run_ast(&self.ast),
+            Some(comm) => session::join_group(Arc::clone(&comm)).and_then(|contributes| {
+                synchronised_switched(&comm, contributes, || self.engine.run_ast(&self.ast))
+            }),
+        };
+        let result = ran.map_err(|err| {
             let interrupted = is_interrupt(&err);
             let mut message = format_error(&err, &self.name, &self.sources);
             if !interrupted {
@@ -186,8 +211,12 @@ impl Compiled {
                 interrupted,
             }
         });
-        for name in session.unread_args() {
-            eprintln!("warning: the script never read the argument `{name}` (--set {name}=...)");
+        if session::is_lead() {
+            for name in session.unread_args() {
+                eprintln!(
+                    "warning: the script never read the argument `{name}` (--set {name}=...)"
+                );
+            }
         }
         result
     }

@@ -13,6 +13,7 @@ use super::session;
 use super::tensor_api::Tensor;
 use crate::config::{model_config_from_json, ModelConfig};
 use crate::model::{Encoder, ForwardOptions, Hidden};
+use crate::parallel::driver::rank_dropout_seed;
 
 /// The seed of a fresh model's initialisation (the reference seeds torch with
 /// 12345 before building the model, so every run starts from the same weights).
@@ -71,13 +72,19 @@ impl Model {
     }
 
     /// The forward options of the current mode; training mode draws the
-    /// dropout seed from the run's `dropout` stream.
+    /// dropout seed from the run's `dropout` stream (mixed with the rank in a
+    /// data-parallel run, rank 0 using the draw itself).
     fn options(&self, keep_layers: bool) -> ScriptResult<ForwardOptions> {
         let train = self.is_training();
         let dropout_seed = if train {
             session::with(|s| {
                 s.since_step = true;
-                Ok(s.rng.stream("dropout").next_u64())
+                let draw = s.rng.stream("dropout").next_u64();
+                // Ranks of a data-parallel run draw different masks.
+                Ok(match &s.rank {
+                    Some(r) => rank_dropout_seed(draw, r.comm.rank()),
+                    None => draw,
+                })
             })?
         } else {
             0

@@ -1,6 +1,12 @@
 //! The run in scripts: the config, metrics logging (JSONL and TensorBoard),
 //! progress bars, seeded random numbers, checkpoints and exact resume, and the
 //! Ctrl-C step boundary.
+//!
+//! In a data-parallel run only rank 0 writes the run directory (metrics,
+//! TensorBoard, checkpoints) and shows progress; the other ranks keep the
+//! same bookkeeping silently, so every rank's script takes the same path.
+//! The ranks agree at each step boundary whether Ctrl-C was pressed, so all
+//! of them stop at the same one.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -27,10 +33,10 @@ use crate::train::state::{TrainingCounters, TrainingState};
 pub struct RunOutputs {
     /// The run directory.
     pub dir: PathBuf,
-    /// metrics.jsonl.
-    pub metrics: MetricsWriter,
-    /// TensorBoard scalars.
-    pub tensorboard: EventWriter,
+    /// metrics.jsonl (`None` on the ranks of a data-parallel run but rank 0).
+    pub metrics: Option<MetricsWriter>,
+    /// TensorBoard scalars (`None` on the ranks of a data-parallel run but rank 0).
+    pub tensorboard: Option<EventWriter>,
     /// The checkpoints.
     pub checkpoints: CheckpointStore,
     /// Small files stored with every checkpoint (the config, the tokenizer).
@@ -194,6 +200,7 @@ fn save_at(t: &Tracked, pos: DataPosition) -> ScriptResult<PathBuf> {
             .script()?
             .state(),
     };
+    let lead = session::is_lead();
     session::with(|s| {
         let rng = s.rng.state();
         let run = s
@@ -201,6 +208,13 @@ fn save_at(t: &Tracked, pos: DataPosition) -> ScriptResult<PathBuf> {
             .as_mut()
             .ok_or_else(|| script_error("checkpoint(): this run has no run directory"))?;
         let inner = t.opt.lock();
+        if !lead {
+            // Rank 0 writes the checkpoint; this rank keeps the bookkeeping.
+            let dir = run.checkpoints.path_for(inner.opt.steps());
+            run.last_checkpoint_recordings = pos.recordings_seen;
+            run.last_checkpoint = Some(dir.clone());
+            return Ok(dir);
+        }
         let state = TrainingState {
             counters: TrainingCounters {
                 optimizer_steps: inner.opt.steps(),
@@ -275,13 +289,14 @@ fn load(t: &Tracked, from: &std::path::Path) -> ScriptResult<Map> {
         .unwrap_or(Value::Null);
     let user: Dynamic = rhai::serde::to_dynamic(&user)?;
     let steps = state.counters.optimizer_steps;
+    let lead = session::is_lead();
     session::with(|s| {
         s.rng = RunRng::from_state(&state.rng).script()?;
         if let Some(run) = s.run.as_mut() {
             run.last_checkpoint_recordings = state.counters.recordings_seen;
             run.last_checkpoint = Some(from.to_path_buf());
             let path = run.dir.join("metrics.jsonl");
-            if path.exists() {
+            if lead && path.exists() {
                 // Records past the checkpoint are re-logged by the resumed run.
                 truncate_metrics(&path, |r| {
                     r.get("step")
@@ -290,12 +305,14 @@ fn load(t: &Tracked, from: &std::path::Path) -> ScriptResult<Map> {
                 })
                 .script()?;
                 // The file was replaced: write to the new one.
-                run.metrics = MetricsWriter::open(&path).script()?;
+                run.metrics = Some(MetricsWriter::open(&path).script()?);
             }
         }
         Ok(())
     })?;
-    tracing::info!("resumed from {} (step {steps})", from.display());
+    if lead {
+        tracing::info!("resumed from {} (step {steps})", from.display());
+    }
     Ok(user.try_cast::<Map>().unwrap_or_default())
 }
 
@@ -324,8 +341,12 @@ pub fn after_step() -> ScriptResult<()> {
 /// After a script error: when the tracked objects are intact (nothing but
 /// bookkeeping happened since the last optimizer step and no gradients are
 /// pending), saves them as they were after that step and returns the
-/// checkpoint; otherwise (or without a run directory) returns None.
+/// checkpoint; otherwise (or without a run directory, or on a data-parallel
+/// rank other than 0) returns None.
 pub fn save_after_error() -> Option<PathBuf> {
+    if !session::is_lead() {
+        return None;
+    }
     let (tracked, intact, pos) = session::with(|s| {
         let intact = !s.since_step && s.grads.get_ids().next().is_none() && s.run.is_some();
         Ok((s.tracked.clone(), intact, s.step_position.clone()))
@@ -351,12 +372,30 @@ pub fn save_after_error() -> Option<PathBuf> {
 
 /// Called between optimizer steps (before the next chunk or batch is
 /// handed out): after Ctrl-C, saves the tracked objects and stops the run.
+/// The ranks of a data-parallel run decide together (any rank that saw
+/// Ctrl-C stops them all, none while any holds gradients).
 pub fn step_boundary() -> ScriptResult<()> {
-    if session::interrupts() == 0 {
+    let comm = session::comm();
+    if comm.is_none() && session::interrupts() == 0 {
         return Ok(());
     }
     let (tracked, pending) =
         session::with(|s| Ok((s.tracked.clone(), s.grads.get_ids().next().is_some())))?;
+    let pending = match comm {
+        None => pending,
+        Some(comm) => {
+            let mut votes = [
+                f64::from(u8::from(session::interrupts() > 0)),
+                f64::from(u8::from(pending)),
+            ];
+            comm.all_reduce_sum_f64(&mut votes)
+                .map_err(|e| script_error(format!("cannot agree on Ctrl-C: {e:#}")))?;
+            if votes[0] == 0.0 {
+                return Ok(());
+            }
+            votes[1] > 0.0
+        }
+    };
     let Some(t) = tracked else {
         return Err(interrupted());
     };
@@ -365,7 +404,9 @@ pub fn step_boundary() -> ScriptResult<()> {
         return Ok(());
     }
     let dir = save(&t)?;
-    tracing::warn!("stopped by Ctrl-C; checkpoint saved to {}", dir.display());
+    if session::is_lead() {
+        tracing::warn!("stopped by Ctrl-C; checkpoint saved to {}", dir.display());
+    }
     Err(interrupted())
 }
 
@@ -477,10 +518,14 @@ pub mod run_module {
     }
 
     /// Appends a record to metrics.jsonl and its numbers to TensorBoard. The
-    /// record gets `step` (optimizer steps of the tracked optimizer) unless it has one.
+    /// record gets `step` (optimizer steps of the tracked optimizer) unless it
+    /// has one. In a data-parallel run only rank 0 writes.
     #[rhai_fn(return_raw)]
     pub fn log(record: Map) -> Result<(), Box<EvalAltResult>> {
         let mut value = to_json(&Dynamic::from_map(record))?;
+        if !session::is_lead() {
+            return Ok(());
+        }
         let steps = session::with(|s| Ok(s.tracked.as_ref().map(|t| t.opt.lock().opt.steps())))?;
         session::with(|s| {
             let Some(run) = s.run.as_mut() else {
@@ -512,12 +557,16 @@ pub mod run_module {
                         Some(p) => format!("{p}{k}"),
                         None => k.clone(),
                     };
-                    run.tensorboard.scalar(&tag, step, x as f32).map_err(|e| {
-                        script_error(format!("cannot write TensorBoard events: {e}"))
-                    })?;
+                    if let Some(tb) = run.tensorboard.as_mut() {
+                        tb.scalar(&tag, step, x as f32).map_err(|e| {
+                            script_error(format!("cannot write TensorBoard events: {e}"))
+                        })?;
+                    }
                 }
             }
-            run.metrics.write(&value).script()?;
+            if let Some(m) = run.metrics.as_mut() {
+                m.write(&value).script()?;
+            }
             if let Some(c) = &run.comparison {
                 c.lock().unwrap_or_else(|e| e.into_inner()).check(&value);
             }
@@ -596,11 +645,13 @@ pub mod run_module {
 
     /// A progress bar over `total` units named `unit` (e.g. "recordings").
     /// On a terminal it draws in place; otherwise its messages are printed
-    /// as plain lines at most every 10 seconds.
+    /// as plain lines at most every 10 seconds. In a data-parallel run only
+    /// rank 0 shows it.
     pub fn progress(total: i64, unit: &str) -> Progress {
         let total = total.max(0) as u64;
-        let plain = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let bar = if plain {
+        let lead = session::is_lead();
+        let plain = lead && !std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = if plain || !lead {
             ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
         } else {
             ProgressBar::new(total)
@@ -664,9 +715,11 @@ pub mod run_module {
         x.to_string()
     }
 
-    /// Prints a line above the progress bars.
+    /// Prints a line above the progress bars (in a data-parallel run, on rank 0 only).
     pub fn say(text: &str) {
-        eprintln!("{text}");
+        if session::is_lead() {
+            eprintln!("{text}");
+        }
     }
 
     /// Ctrl-C presses so far.

@@ -3,19 +3,28 @@
 //! directory's writers and the objects a checkpoint saves.
 //!
 //! Scripts run on one thread, so the session is thread-local; each script run
-//! installs a fresh one ([`install`]) and removes it when it ends.
+//! installs a fresh one ([`install`]) and removes it when it ends. In a
+//! data-parallel run every rank is a thread with its own session, which also
+//! holds the rank's [`RankState`] ([`join_group`]).
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
+use candle_core::TensorId;
 
 use super::errors::{script_error, ScriptResult};
 use crate::config::Config;
+use crate::parallel::Collective;
 use crate::train::rng::RunRng;
+
+/// How many of the latest chunk losses a rank remembers, so that `item()`
+/// of one of them is summed over the ranks.
+const REMEMBERED_LOSSES: usize = 64;
 
 /// What the host sets up before a script starts.
 pub struct SessionSetup {
@@ -58,6 +67,36 @@ pub struct Session {
     pub since_step: bool,
     /// The tracked dataset's position right after the last optimizer step.
     pub step_position: Option<super::data_api::DataPosition>,
+    /// This rank's part in a data-parallel run (`None`: a single process).
+    pub rank: Option<RankState>,
+}
+
+/// A rank's part in a data-parallel run: the group, and what the host
+/// functions need to make the ranks' shares add up to the whole batch.
+pub struct RankState {
+    /// The group's collective operations.
+    pub comm: Arc<dyn Collective>,
+    /// False while the current chunk is a stand-in (this rank has none of its
+    /// items): shared with the synchronised BatchRenorm statistics, which
+    /// then count nothing from this rank.
+    pub contributes: Rc<Cell<bool>>,
+    /// The current chunk's items over every rank, while a chunk is in use.
+    pub chunk: Option<ChunkShard>,
+    /// The latest losses `ctc_loss` computed on a chunk's targets, and
+    /// whether this rank's value counts (not for a stand-in).
+    pub losses: VecDeque<(TensorId, bool)>,
+    /// True once the accumulated gradients hold the sums over every rank
+    /// (until the optimizer steps or `zero_grad()`).
+    pub grads_reduced: bool,
+}
+
+/// The current chunk of a data-parallel run as a whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkShard {
+    /// Valid frames of every item of the chunk, over every rank.
+    pub lengths: Vec<usize>,
+    /// Which of them are this rank's (none for a stand-in).
+    pub mine: Vec<usize>,
 }
 
 thread_local! {
@@ -80,6 +119,7 @@ pub fn install(setup: SessionSetup, interrupts: Arc<AtomicUsize>) -> SessionGuar
         args_read: BTreeSet::new(),
         since_step: false,
         step_position: None,
+        rank: None,
     };
     SESSION.with(|s| *s.borrow_mut() = Some(session));
     SessionGuard(())
@@ -147,4 +187,80 @@ pub fn interrupts() -> usize {
 /// True when a `restore`/`checkpoint` call named objects to save on Ctrl-C.
 pub fn has_tracked() -> bool {
     SESSION.with(|s| s.borrow().as_ref().is_some_and(|s| s.tracked.is_some()))
+}
+
+/// Makes the current session one rank of the data-parallel group `comm`;
+/// returns the flag that says whether this rank contributes to the current
+/// chunk (for the synchronised BatchRenorm statistics).
+pub fn join_group(comm: Arc<dyn Collective>) -> ScriptResult<Rc<Cell<bool>>> {
+    let contributes = Rc::new(Cell::new(true));
+    let flag = Rc::clone(&contributes);
+    with(|s| {
+        s.rank = Some(RankState {
+            comm,
+            contributes,
+            chunk: None,
+            losses: VecDeque::new(),
+            grads_reduced: false,
+        });
+        Ok(flag)
+    })
+}
+
+/// The data-parallel group of this session, when the run has several ranks.
+pub fn comm() -> Option<Arc<dyn Collective>> {
+    SESSION.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|s| s.rank.as_ref())
+            .map(|r| Arc::clone(&r.comm))
+    })
+}
+
+/// True on the rank that writes the run directory and speaks to the user:
+/// rank 0, or the only process (also without a session).
+pub fn is_lead() -> bool {
+    SESSION.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|s| s.rank.as_ref())
+            .is_none_or(|r| r.comm.rank() == 0)
+    })
+}
+
+/// Enters a chunk of a data-parallel run (`None` ends the chunks): BatchRenorm
+/// counts this rank's statistics unless it holds none of the chunk's items.
+pub fn enter_chunk(chunk: Option<ChunkShard>) -> ScriptResult<()> {
+    with(|s| {
+        if let Some(r) = s.rank.as_mut() {
+            r.contributes
+                .set(chunk.as_ref().is_none_or(|c| !c.mine.is_empty()));
+            r.chunk = chunk;
+        }
+        Ok(())
+    })
+}
+
+/// Remembers a chunk loss whose `item()` is summed over the ranks (counting
+/// this rank's value when `counts`).
+pub fn remember_loss(id: TensorId, counts: bool) -> ScriptResult<()> {
+    with(|s| {
+        if let Some(r) = s.rank.as_mut() {
+            if r.losses.len() == REMEMBERED_LOSSES {
+                r.losses.pop_front();
+            }
+            r.losses.push_back((id, counts));
+        }
+        Ok(())
+    })
+}
+
+/// For a loss remembered by [`remember_loss`]: whether this rank's value counts.
+pub fn remembered_loss(id: TensorId) -> Option<bool> {
+    SESSION.with(|s| {
+        s.borrow()
+            .as_ref()
+            .and_then(|s| s.rank.as_ref())
+            .and_then(|r| r.losses.iter().find(|(i, _)| *i == id).map(|(_, c)| *c))
+    })
 }

@@ -246,7 +246,9 @@ pub mod tensor_module {
         t.0.elem_count() as i64
     }
 
-    /// The value of a one-element tensor as a float.
+    /// The value of a one-element tensor as a float. In a data-parallel run,
+    /// for a loss `ctc_loss` returned on a chunk's targets: the sum over every
+    /// rank, i.e. the whole chunk's loss (every rank must ask for it).
     #[rhai_fn(pure, return_raw)]
     pub fn item(t: &mut Tensor) -> Result<f64, Box<EvalAltResult>> {
         if t.0.elem_count() != 1 {
@@ -256,7 +258,16 @@ pub mod tensor_module {
             )));
         }
         let v = t.0.flatten_all().script()?.to_dtype(DType::F64).script()?;
-        Ok(v.to_vec1::<f64>().script()?[0])
+        let v = v.to_vec1::<f64>().script()?[0];
+        match (session::remembered_loss(t.0.id()), session::comm()) {
+            (Some(counts), Some(comm)) => {
+                let mut total = [if counts { v } else { 0.0 }];
+                comm.all_reduce_sum_f64(&mut total)
+                    .map_err(|e| script_error(format!("item(): {e:#}")))?;
+                Ok(total[0])
+            }
+            _ => Ok(v),
+        }
     }
 
     /// The values as (nested) arrays of floats; for logging and small data.
@@ -487,7 +498,8 @@ pub mod tensor_module {
 
     /// Backpropagates from this one-element tensor and adds the gradients of
     /// every parameter it depends on to the run's gradients (they accumulate
-    /// until the optimizer steps or `zero_grad()` is called).
+    /// until the optimizer steps or `zero_grad()` is called). In a
+    /// data-parallel run, a stand-in chunk's backward adds nothing.
     #[rhai_fn(pure, return_raw)]
     pub fn backward(t: &mut Tensor) -> Result<(), Box<EvalAltResult>> {
         if t.0.elem_count() != 1 {
@@ -496,7 +508,24 @@ pub mod tensor_module {
                 t.0.dims()
             )));
         }
+        let (summed, contributes) = session::with(|s| {
+            Ok(s.rank
+                .as_ref()
+                .map_or((false, true), |r| (r.grads_reduced, r.contributes.get())))
+        })?;
+        if summed {
+            return Err(script_error(
+                "backward() after clip_grad_norm() or grads_finite() of the same step: in a \
+                 data-parallel run the gradients are summed over the ranks there, so every \
+                 backward() of a step must come before them",
+            ));
+        }
         let store = t.0.backward().script()?;
+        if !contributes {
+            // The pass still ran, so the ranks exchanged its BatchRenorm
+            // statistics; its gradients are not this rank's to add.
+            return Ok(());
+        }
         accumulate(store)
     }
 

@@ -1,6 +1,11 @@
 //! Training in scripts: the CTC loss, optimizers over a model's unfrozen
 //! parameters (clipping, skipping non-finite steps), and the learning-rate
 //! and sequence-length schedules.
+//!
+//! In a data-parallel run (several ranks, see `crate::parallel`) the CTC loss
+//! of a chunk's targets is this rank's share of the whole chunk's loss, and
+//! the optimizer sums the accumulated gradients over the ranks once per step
+//! before clipping, checking or stepping, so every rank takes the same step.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -12,6 +17,7 @@ use super::errors::{script_error, IntoScript, ScriptResult};
 use super::model_api::{lengths_from, Model, Output};
 use super::session;
 use super::tensor_api::{number, Tensor};
+use crate::parallel::grads::{all_reduce_gradients, broadcast_model, BUCKET_ELEMS};
 use crate::train::clip::{grad_total_norm, grads_are_finite};
 use crate::train::loss::{ctc, Reduction};
 use crate::train::lr_schedule::{CosineWarmup, DecayUnit};
@@ -20,9 +26,20 @@ use crate::train::optimizer::{
 };
 use crate::train::sequence_schedule::{SequenceSchedule as SeqImpl, SequenceScheduleConfig};
 
-/// Target token ids of a batch, one list per item (opaque in scripts).
+/// Target token ids of a batch, one list per item (opaque in scripts), and
+/// where they sit in a data-parallel run's chunk (`None` otherwise).
 #[derive(Clone)]
-pub struct Targets(pub Arc<Vec<Vec<u32>>>);
+pub struct Targets(pub Arc<Vec<Vec<u32>>>, pub Option<TargetShard>);
+
+/// The part of a data-parallel chunk that a rank's targets are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetShard {
+    /// Items of the whole chunk, over every rank.
+    pub global_items: usize,
+    /// True for a stand-in (the rank has none of the chunk's items): its loss
+    /// counts nothing.
+    pub stand_in: bool,
+}
 
 /// An optimizer in a script: a shared handle.
 #[derive(Clone)]
@@ -90,6 +107,60 @@ fn take_grads() -> ScriptResult<GradStore> {
     session::with(|s| Ok(std::mem::take(&mut s.grads)))
 }
 
+/// In a data-parallel run, replaces the accumulated gradients of `params` by
+/// their sums over every rank, once per optimizer step (a no-op otherwise).
+fn sum_over_ranks(params: &[Param], grads: &mut GradStore) -> ScriptResult<()> {
+    let Some(comm) = session::comm() else {
+        return Ok(());
+    };
+    let done = session::with(|s| Ok(s.rank.as_ref().is_some_and(|r| r.grads_reduced)))?;
+    if done {
+        return Ok(());
+    }
+    all_reduce_gradients(params, grads, comm.as_ref(), true, BUCKET_ELEMS).script()?;
+    session::with(|s| {
+        if let Some(r) = s.rank.as_mut() {
+            r.grads_reduced = true;
+        }
+        Ok(())
+    })
+}
+
+/// Marks the accumulated gradients as this rank's own again (after a step
+/// or `zero_grad()`).
+fn gradients_cleared() -> ScriptResult<()> {
+    session::with(|s| {
+        if let Some(r) = s.rank.as_mut() {
+            r.grads_reduced = false;
+        }
+        Ok(())
+    })
+}
+
+/// A data-parallel chunk loss as this rank's share of the whole chunk's: a
+/// mean over the items is rescaled to the whole chunk's item count, and a
+/// stand-in's loss is multiplied by a zero tensor (its graph still reaches
+/// every BatchRenorm, whose backward exchanges statistics with the other
+/// ranks). Scalar shares are remembered so that `item()` sums them.
+fn rank_share(
+    loss: candle_core::Tensor,
+    shard: TargetShard,
+    reduction: Reduction,
+    items: usize,
+) -> ScriptResult<candle_core::Tensor> {
+    let share = if shard.stand_in {
+        loss.mul(&loss.zeros_like().script()?).script()?
+    } else if reduction == Reduction::Mean {
+        (loss * (items as f64 / shard.global_items.max(1) as f64)).script()?
+    } else {
+        loss
+    };
+    if reduction != Reduction::None {
+        session::remember_loss(share.id(), !shard.stand_in)?;
+    }
+    Ok(share)
+}
+
 /// Puts gradients back as the run's accumulated gradients.
 fn put_grads(grads: GradStore) -> ScriptResult<()> {
     session::with(|s| {
@@ -132,14 +203,19 @@ pub mod train_module {
     use super::*;
 
     /// The summed CTC loss of a forward pass against `targets` (blank = the
-    /// last class), a one-element tensor ready for `backward()`.
+    /// last class), a one-element tensor ready for `backward()`. In a
+    /// data-parallel run, the loss of a chunk's targets is this rank's share:
+    /// the shares of all ranks add up to the whole chunk's loss (a stand-in
+    /// chunk's share is 0), and `item()` of it gives the whole chunk's value.
     #[rhai_fn(return_raw)]
     pub fn ctc_loss(out: Output, targets: Targets) -> Result<Tensor, Box<EvalAltResult>> {
         ctc_loss_with(out, targets, Map::new())
     }
 
     /// `ctc_loss` with options `#{ reduction: "sum" | "mean" | "none",
-    /// zero_infinity: bool }` (mean: per item divided by its target length, then averaged).
+    /// zero_infinity: bool }` (mean: per item divided by its target length, then
+    /// averaged; in a data-parallel run over the whole chunk's items; none: this
+    /// rank's items).
     #[rhai_fn(name = "ctc_loss", return_raw)]
     pub fn ctc_loss_with(
         out: Output,
@@ -186,7 +262,7 @@ pub mod train_module {
             )));
         }
         let blank = (classes - 1) as u32;
-        ctc(
+        let loss = ctc(
             &logits.0,
             &targets.0,
             &lengths,
@@ -194,8 +270,11 @@ pub mod train_module {
             reduction,
             zero_infinity,
         )
-        .script()
-        .map(Tensor)
+        .script()?;
+        match (targets.1, session::comm()) {
+            (Some(shard), Some(_)) => rank_share(loss, shard, reduction, b).map(Tensor),
+            _ => Ok(Tensor(loss)),
+        }
     }
 
     /// Number of items.
@@ -225,6 +304,7 @@ pub mod train_module {
 
     /// An optimizer for `model` from the `optimizer` config map (`name`:
     /// madgrad | mirrormadgrad | adam | adamw, `args`, `weight_decay_groups`).
+    /// In a data-parallel run every rank's model first takes rank 0's weights.
     #[rhai_fn(return_raw)]
     pub fn optimizer(model: Model, cfg: Map) -> Result<Optimizer, Box<EvalAltResult>> {
         check_keys(
@@ -250,6 +330,10 @@ pub mod train_module {
                 )))
             }
         };
+        if let Some(comm) = session::comm() {
+            // Every rank starts from rank 0's weights.
+            broadcast_model(model.encoder(), comm.as_ref()).script()?;
+        }
         let params = collect_params(
             model
                 .encoder()
@@ -301,7 +385,8 @@ pub mod train_module {
 
     /// The global L2 norm of the accumulated gradients of the unfrozen
     /// parameters; when `max_norm > 0` they are scaled down to at most
-    /// `max_norm`. Returns the norm before clipping.
+    /// `max_norm`. Returns the norm before clipping. In a data-parallel run
+    /// the gradients are first summed over the ranks.
     #[rhai_fn(pure, return_raw)]
     pub fn clip_grad_norm(
         opt: &mut Optimizer,
@@ -309,9 +394,13 @@ pub mod train_module {
     ) -> Result<f64, Box<EvalAltResult>> {
         let max_norm = number(&max_norm, "clip_grad_norm(max_norm)")?;
         let mut grads = take_grads()?;
+        let params = Optimizer::trainable(&opt.lock());
+        if let Err(e) = sum_over_ranks(&params, &mut grads) {
+            put_grads(grads)?;
+            return Err(e);
+        }
         let result = {
             let mut inner = opt.lock();
-            let params = Optimizer::trainable(&inner);
             let norm = if max_norm > 0.0 {
                 crate::train::clip::clip_grad_norm(&params, &mut grads, max_norm)
             } else {
@@ -326,18 +415,23 @@ pub mod train_module {
         result.script()
     }
 
-    /// True when every accumulated gradient is finite.
+    /// True when every accumulated gradient is finite (in a data-parallel
+    /// run, after summing them over the ranks).
     #[rhai_fn(pure, return_raw)]
     pub fn grads_finite(opt: &mut Optimizer) -> Result<bool, Box<EvalAltResult>> {
-        let grads = take_grads()?;
-        let finite = grads_are_finite(&Optimizer::trainable(&opt.lock()), &grads);
+        let mut grads = take_grads()?;
+        let params = Optimizer::trainable(&opt.lock());
+        let finite = sum_over_ranks(&params, &mut grads)
+            .and_then(|()| grads_are_finite(&params, &grads).script());
         put_grads(grads)?;
-        finite.script()
+        finite
     }
 
     /// One update of the unfrozen parameters at learning rate `lr` with the
     /// accumulated gradients, which are then cleared. When any gradient is not
     /// finite the update is skipped (returns false) and a warning is logged.
+    /// In a data-parallel run the gradients are summed over the ranks first
+    /// (unless `clip_grad_norm` or `grads_finite` did so for this step).
     #[rhai_fn(pure, return_raw)]
     pub fn step(opt: &mut Optimizer, lr: Dynamic) -> Result<bool, Box<EvalAltResult>> {
         let lr = number(&lr, "step(lr)")?;
@@ -346,20 +440,25 @@ pub mod train_module {
                 "step(): the learning rate must be finite and >= 0, got {lr}"
             )));
         }
-        let grads = take_grads()?;
+        let mut grads = take_grads()?;
+        let params = Optimizer::trainable(&opt.lock());
+        sum_over_ranks(&params, &mut grads)?;
+        gradients_cleared()?;
+        let lead = session::is_lead();
         let stepped = {
             let mut inner = opt.lock();
-            let params = Optimizer::trainable(&inner);
             if grads_are_finite(&params, &grads).script()? {
                 inner.opt.step(&params, &grads, lr).script()?;
                 inner.last_lr = lr;
                 true
             } else {
                 inner.skipped += 1;
-                tracing::warn!(
-                    "non-finite gradients: optimizer step {} skipped",
-                    inner.opt.steps() + 1
-                );
+                if lead {
+                    tracing::warn!(
+                        "non-finite gradients: optimizer step {} skipped",
+                        inner.opt.steps() + 1
+                    );
+                }
                 false
             }
         };
@@ -370,7 +469,8 @@ pub mod train_module {
     /// Clears the accumulated gradients.
     #[rhai_fn(return_raw)]
     pub fn zero_grad(_opt: &mut Optimizer) -> Result<(), Box<EvalAltResult>> {
-        take_grads().map(drop)
+        take_grads().map(drop)?;
+        gradients_cleared()
     }
 
     /// Multiplies the LR of parameters whose name starts with `prefix` by

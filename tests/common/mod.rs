@@ -148,3 +148,27 @@ pub fn wait_for_records(child: &mut Child, metrics: &Path, n: usize, limit: Dura
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs `lcasr args`, sends it SIGINT once the run has logged `n` records in
+/// `metrics`, and returns what it printed and its exit status.
+pub fn interrupt_after_records(args: &[&str], metrics: &Path, n: usize, limit: Duration) -> Output {
+    let mut child = lcasr(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_records(&mut child, metrics, n, limit);
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    child.wait_with_output().unwrap()
+}
+
+/// The names of the entries directly inside `dir`, sorted.
+pub fn entry_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
