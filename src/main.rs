@@ -159,7 +159,8 @@ struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     tokenizer: Option<PathBuf>,
     /// The model was trained on log-mel features (`lcasr prepare --log-mel`)
-    /// instead of the reference's power-mel.
+    /// instead of the reference's power-mel (default: the recipe saved with the
+    /// checkpoint by training, else power-mel).
     #[arg(long)]
     log_mel: bool,
 }
@@ -532,11 +533,9 @@ impl ModelArgs {
         let opts = lcasr::infer::LoadOptions {
             config: self.config.clone(),
             tokenizer: self.tokenizer.clone(),
-            recipe: if self.log_mel {
-                lcasr::audio::features::FeatureRecipe::LogMel
-            } else {
-                lcasr::audio::features::FeatureRecipe::PowerMel
-            },
+            recipe: self
+                .log_mel
+                .then_some(lcasr::audio::features::FeatureRecipe::LogMel),
             ..Default::default()
         };
         lcasr::infer::load_model(checkpoint, &opts)

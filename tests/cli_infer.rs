@@ -38,12 +38,17 @@ fn ok(args: &[&str]) -> String {
     stdout(&out)
 }
 
-/// Checks that `out` failed with `code` and one `error: ` paragraph
-/// containing `must_contain`, without a panic or source paths.
+/// Checks that `out` failed with `code` and one `error: ` paragraph (after
+/// any warnings) containing `must_contain`, without a panic or source paths.
 fn assert_clean_error(out: &Output, code: i32, must_contain: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
-    assert!(stderr.starts_with("error: "), "{stderr}");
+    let after_warnings = stderr
+        .lines()
+        .skip_while(|l| l.starts_with("warning: "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(after_warnings.starts_with("error: "), "{stderr}");
     assert!(stderr.contains(must_contain), "{stderr}");
     for bad in ["panicked", "internal error", "stack backtrace", "src/"] {
         assert!(!stderr.contains(bad), "{bad:?} in: {stderr}");
@@ -267,7 +272,41 @@ fn eval_transcribe_and_plot_a_trained_model() {
             "--log-mel",
         ]),
         1,
-        "drop --log-mel",
+        "re-run `lcasr prepare` with --log-mel",
+    );
+    // Training records the data's recipe with every checkpoint, and inference
+    // takes it from there: a model trained on log-mel data needs no flag.
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    let saved = run
+        .join("checkpoints")
+        .join(latest.trim())
+        .join("features.json");
+    assert_eq!(
+        std::fs::read_to_string(saved).unwrap(),
+        r#"{"recipe":"PowerMel"}"#
+    );
+    let logmel_run = dir.join("logmel-run");
+    ok(&[
+        "train",
+        s(&dir.join("config.yaml")),
+        &format!("data.path={}", s(&logmel_manifest)),
+        "--run-dir",
+        s(&logmel_run),
+    ]);
+    let table = ok(&[
+        "eval",
+        s(&logmel_run),
+        s(&logmel_manifest),
+        "--context",
+        "full",
+        "--out",
+        s(&dir.join("logmel-run-report")),
+    ]);
+    assert!(table.contains("full"), "{table}");
+    assert_clean_error(
+        &lcasr(&["eval", s(&logmel_run), s(&manifest), "--context", "full"]),
+        1,
+        "re-run `lcasr prepare` with --log-mel",
     );
 
     // Bad input files: exit 1 with one clean error.

@@ -45,6 +45,23 @@ pub enum FeatureRecipe {
     LogMel,
 }
 
+impl FeatureRecipe {
+    /// The name stored in feature caches and checkpoints.
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureRecipe::PowerMel => "PowerMel",
+            FeatureRecipe::LogMel => "LogMel",
+        }
+    }
+
+    /// The recipe of a stored name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [FeatureRecipe::PowerMel, FeatureRecipe::LogMel]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+}
+
 /// Number of frames the recipe gives for `num_samples` samples: `floor(n/160) + 1`.
 pub fn num_frames(num_samples: usize) -> usize {
     num_samples / HOP_LENGTH + 1

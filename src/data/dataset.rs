@@ -19,8 +19,9 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::chunking::{chunk_batch, Chunk};
 use super::manifest::Manifest;
+use super::prepare::cache_recipe;
 use super::torch_spec::{is_torch_file, read_spec};
-use crate::audio::features::N_MELS;
+use crate::audio::features::{FeatureRecipe, N_MELS};
 use crate::text::tokenizer::Tokenizer;
 
 /// One training chunk, ready for the model and the loss.
@@ -42,6 +43,7 @@ pub struct Dataset {
     manifest: Manifest,
     frames: Vec<usize>,
     tokenizer: Arc<Tokenizer>,
+    recipe: Option<FeatureRecipe>,
 }
 
 impl Dataset {
@@ -51,20 +53,42 @@ impl Dataset {
     /// file fails before training starts, naming the file.
     pub fn open(path: &Path, tokenizer: Arc<Tokenizer>) -> Result<Self> {
         let manifest = Manifest::load(path)?;
-        let frames = manifest
-            .recordings
-            .iter()
-            .map(|r| {
-                let file = &r.features;
-                let map = map_file(file)?;
-                Ok(features_view(&map, file)?.frames)
-            })
-            .collect::<Result<Vec<usize>>>()?;
+        let mut frames = Vec::with_capacity(manifest.recordings.len());
+        // The recipe `prepare` recorded, with the first file that names it.
+        let mut recipe: Option<(FeatureRecipe, &Path)> = None;
+        for r in &manifest.recordings {
+            let file = &r.features;
+            let map = map_file(file)?;
+            frames.push(features_view(&map, file)?.frames);
+            let Some(found) = (!is_torch_file(&map)).then(|| cache_recipe(&map)).flatten() else {
+                continue;
+            };
+            match recipe {
+                Some((first, first_file)) if first != found => bail!(
+                    "{}: the manifest mixes feature recipes: {} has {} features, {} has {}; \
+                     prepare every recording the same way",
+                    path.display(),
+                    first_file.display(),
+                    first.name(),
+                    file.display(),
+                    found.name()
+                ),
+                Some(_) => {}
+                None => recipe = Some((found, file)),
+            }
+        }
         Ok(Dataset {
+            recipe: recipe.map(|(r, _)| r),
             manifest,
             frames,
             tokenizer,
         })
+    }
+
+    /// The feature recipe `prepare` recorded in the caches (`None` when they
+    /// do not say, as the reference's `.spec.pt` files).
+    pub fn recipe(&self) -> Option<FeatureRecipe> {
+        self.recipe
     }
 
     /// The manifest.

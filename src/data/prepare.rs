@@ -320,7 +320,7 @@ fn prepare_one(s: &Source, feature_dir: &Path, opts: &PrepareOptions) -> Result<
     let bytes =
         std::fs::read(&s.audio).with_context(|| format!("cannot read {}", s.audio.display()))?;
     let hash = crate::hash::sha256_hex(&bytes);
-    let recipe = format!("{:?}", opts.recipe);
+    let recipe = opts.recipe.name();
     let file = feature_dir.join(format!("{}.safetensors", s.id));
     let relative = PathBuf::from("features").join(format!("{}.safetensors", s.id));
     let recording = |samples: usize| Recording {
@@ -330,7 +330,7 @@ fn prepare_one(s: &Source, feature_dir: &Path, opts: &PrepareOptions) -> Result<
         words: s.words.clone(),
         text: s.text.clone(),
     };
-    if let Some(samples) = cached_samples(&file, &hash, &recipe) {
+    if let Some(samples) = cached_samples(&file, &hash, recipe) {
         return Ok((recording(samples), true));
     }
     let samples = load_16k(&s.audio, &opts.load)?;
@@ -339,7 +339,7 @@ fn prepare_one(s: &Source, feature_dir: &Path, opts: &PrepareOptions) -> Result<
         .to_dtype(DType::F16)?;
     let metadata: HashMap<String, String> = [
         (META_SOURCE.to_string(), hash),
-        (META_RECIPE.to_string(), recipe),
+        (META_RECIPE.to_string(), recipe.to_string()),
         (META_SAMPLES.to_string(), samples.len().to_string()),
     ]
     .into();
@@ -364,6 +364,13 @@ pub fn load_features(path: &Path) -> Result<Tensor> {
     Ok(load_features_with_recipe(path)?.0)
 }
 
+/// The recipe `prepare` recorded in the metadata of a safetensors feature
+/// cache, if any.
+pub fn cache_recipe(bytes: &[u8]) -> Option<FeatureRecipe> {
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
+    FeatureRecipe::from_name(meta.metadata().as_ref()?.get(META_RECIPE)?)
+}
+
 /// Reads a cached feature file as (80, T) f32 with the recipe recorded in it
 /// by `prepare` (`None` for caches written by other tools and for the
 /// reference's `.spec.pt` files, which are power-mel).
@@ -373,14 +380,7 @@ pub fn load_features_with_recipe(path: &Path) -> Result<(Tensor, Option<FeatureR
     if super::torch_spec::is_torch_file(&bytes) {
         return Ok((super::dataset::read_whole_features(path)?, None));
     }
-    let recipe = safetensors::SafeTensors::read_metadata(&bytes)
-        .ok()
-        .and_then(|(_, meta)| meta.metadata().as_ref()?.get(META_RECIPE).cloned())
-        .and_then(|name| {
-            [FeatureRecipe::PowerMel, FeatureRecipe::LogMel]
-                .into_iter()
-                .find(|r| format!("{r:?}") == name)
-        });
+    let recipe = cache_recipe(&bytes);
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read features {}", path.display()))?;
     let features = tensors

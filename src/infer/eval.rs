@@ -179,7 +179,9 @@ fn load_checked(path: &Path, expected: FeatureRecipe) -> Result<Tensor> {
                 FeatureRecipe::PowerMel =>
                     "pass --log-mel if the model was trained on log-mel features, or re-run \
                      `lcasr prepare` without --log-mel",
-                FeatureRecipe::LogMel => "drop --log-mel, or re-run `lcasr prepare` with --log-mel",
+                FeatureRecipe::LogMel =>
+                    "re-run `lcasr prepare` with --log-mel (the model's recipe comes from \
+                     --log-mel or from its checkpoint)",
             }
         ),
         _ => Ok(features),

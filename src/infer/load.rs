@@ -28,6 +28,9 @@ use crate::train::state::{read_checkpoint_file, MODEL_FILE, STATE_FILE};
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// The same when the run's tokenizer is a SentencePiece `.model` file.
 pub const SENTENCEPIECE_FILE: &str = "tokenizer.model";
+/// The feature recipe of the training data, `{"recipe": "LogMel"}`, saved
+/// with a checkpoint when the data's caches record one.
+pub const FEATURES_FILE: &str = "features.json";
 
 /// What to load besides the weights.
 #[derive(Clone, Debug)]
@@ -38,8 +41,9 @@ pub struct LoadOptions {
     /// A tokenizer (`.json` or SentencePiece `.model`); overrides any found
     /// with the weights.
     pub tokenizer: Option<PathBuf>,
-    /// The feature recipe the model was trained on.
-    pub recipe: FeatureRecipe,
+    /// The feature recipe the model was trained on; `None`: the one saved
+    /// with the checkpoint, else the reference's power-mel.
+    pub recipe: Option<FeatureRecipe>,
     /// Where the model runs.
     pub device: Device,
 }
@@ -50,7 +54,7 @@ impl Default for LoadOptions {
         Self {
             config: None,
             tokenizer: None,
-            recipe: FeatureRecipe::default(),
+            recipe: None,
             device: Device::Cpu,
         }
     }
@@ -105,6 +109,8 @@ struct Located {
     config: Option<PathBuf>,
     /// A tokenizer found with the weights.
     tokenizer: Option<PathBuf>,
+    /// The training data's feature recipe, saved with a checkpoint.
+    features: Option<PathBuf>,
 }
 
 /// Loads the model at `path` (a checkpoint directory, a run directory, a
@@ -175,9 +181,44 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         encoder,
         config,
         tokenizer,
+        recipe: resolve_recipe(opts.recipe, &found)?,
         source: found.weights,
-        recipe: opts.recipe,
     })
+}
+
+/// The recipe asked for, else the one saved with the checkpoint, else the
+/// reference's. Asking for another than the saved one is allowed (the saved
+/// file could be wrong) but warned about.
+fn resolve_recipe(asked: Option<FeatureRecipe>, found: &Located) -> Result<FeatureRecipe> {
+    let saved =
+        match &found.features {
+            Some(path) => {
+                let bytes = match &found.hashed_in {
+                    Some(dir) => read_checkpoint_file(dir, FEATURES_FILE)?,
+                    None => std::fs::read(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                };
+                let value: serde_json::Value = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not valid JSON", path.display()))?;
+                let name = value["recipe"].as_str().unwrap_or_default();
+                Some(FeatureRecipe::from_name(name).ok_or_else(|| {
+                    anyhow!("{}: unknown feature recipe `{name}`", path.display())
+                })?)
+            }
+            None => None,
+        };
+    match (asked, saved) {
+        (Some(a), Some(s)) if a != s => {
+            eprintln!(
+                "warning: the checkpoint was trained on {} features; using {} as asked",
+                s.name(),
+                a.name()
+            );
+            Ok(a)
+        }
+        (Some(a), _) => Ok(a),
+        (None, s) => Ok(s.unwrap_or_default()),
+    }
 }
 
 /// Works out what kind of thing `path` is and where its parts are.
@@ -220,6 +261,7 @@ fn locate(path: &Path) -> Result<Located> {
             hashed_in: None,
             config: None,
             tokenizer: None,
+            features: None,
         }),
         "safetensors" => {
             // The weights file of a checkpoint directory: use the whole checkpoint.
@@ -232,6 +274,7 @@ fn locate(path: &Path) -> Result<Located> {
                 hashed_in: None,
                 config: None,
                 tokenizer: None,
+                features: None,
             })
         }
         _ => bail!(
@@ -294,6 +337,7 @@ fn checkpoint_dir(dir: &Path) -> Result<Located> {
         hashed_in: dir.join(STATE_FILE).is_file().then(|| dir.to_path_buf()),
         config: first(CONFIG_FILE),
         tokenizer: first(TOKENIZER_FILE).or_else(|| first(SENTENCEPIECE_FILE)),
+        features: Some(dir.join(FEATURES_FILE)).filter(|p| p.is_file()),
     })
 }
 

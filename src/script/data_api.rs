@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::errors::{script_error, IntoScript, ScriptResult};
 use super::model_api::int_array;
-use super::run_api::step_boundary;
+use super::run_api::{record_feature_recipe, step_boundary};
 use super::session::{self, ChunkShard};
 use super::tensor_api::Tensor;
 use super::train_api::{TargetShard, Targets};
@@ -473,7 +473,11 @@ pub mod data_module {
     pub fn dataset(path: &str, tok: Tokenizer) -> Result<Dataset, Box<EvalAltResult>> {
         let p = session::resolve_path(path)?;
         let seed = session::with(|s| Ok(s.rng.master_seed()))?;
-        Dataset::open(p, tok.0, seed).script()
+        let data = Dataset::open(p, tok.0, seed).script()?;
+        if let Some(recipe) = data.lock().data.recipe() {
+            record_feature_recipe(recipe, path)?;
+        }
+        Ok(data)
     }
 
     /// Number of recordings.

@@ -22,6 +22,8 @@ use super::errors::{script_error, IntoScript, ScriptResult, INTERRUPTED};
 use super::model_api::Model;
 use super::session;
 use super::train_api::{LrSchedule, Optimizer, SequenceSchedule};
+use crate::audio::features::FeatureRecipe;
+use crate::infer::load::FEATURES_FILE;
 use crate::run::checkpoints::CheckpointStore;
 use crate::run::metrics::{truncate_metrics, MetricsWriter};
 use crate::run::tensorboard::EventWriter;
@@ -322,6 +324,41 @@ fn interrupted() -> Box<EvalAltResult> {
         INTERRUPTED.into(),
         Position::NONE,
     ))
+}
+
+/// Records the feature recipe of a dataset the script opened (`source`, its
+/// path) with the run's checkpoints, so inference computes the same
+/// features. Every dataset of a run must have the same recipe.
+pub fn record_feature_recipe(recipe: FeatureRecipe, source: &str) -> ScriptResult<()> {
+    session::with(|s| {
+        let Some(run) = s.run.as_mut() else {
+            return Ok(());
+        };
+        let contents = json!({ "recipe": recipe.name() }).to_string().into_bytes();
+        match run
+            .checkpoint_files
+            .iter()
+            .find(|(n, _)| n == FEATURES_FILE)
+        {
+            None => run
+                .checkpoint_files
+                .push((FEATURES_FILE.to_string(), contents)),
+            Some((_, existing)) if *existing == contents => {}
+            Some((_, existing)) => {
+                let earlier = serde_json::from_slice::<Value>(existing)
+                    .ok()
+                    .and_then(|v| v["recipe"].as_str().map(String::from))
+                    .unwrap_or_default();
+                return Err(script_error(format!(
+                    "dataset `{source}` has {} features but the run's first dataset has \
+                     {earlier}: prepare both the same way (`lcasr prepare` with or without \
+                     --log-mel)",
+                    recipe.name()
+                )));
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Called after every optimizer step: the state is intact again, and the
