@@ -510,6 +510,20 @@ fn one_two_and_four_ranks_train_the_same_model() {
 }
 
 #[test]
+fn group_norm_ranks_train_the_same_model() {
+    // GroupNorm takes its statistics per item and a rank holds whole items,
+    // so it needs no synchronisation: two ranks train the one-rank model.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(dir.path(), 3, 1, &["model.conv_norm=group_norm"]);
+    let direct = lcasr::train::direct::train(&cfg).unwrap();
+    let run = train_data_parallel(&cfg, &DataParallelOptions::new(2)).unwrap();
+    assert_eq!(run.steps, direct.steps);
+    let diff = max_relative_diff(&weights(&run.models[0]), &weights(&direct.model));
+    assert!(diff < PARALLEL_TOLERANCE, "relative difference {diff}");
+    assert!(weights(&run.models[1]) == weights(&run.models[0]));
+}
+
+#[test]
 fn stopping_and_resuming_every_rank_equals_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(dir.path(), 3, 2, &[]);

@@ -151,18 +151,17 @@ pub fn train_data_parallel(cfg: &Config, opts: &DataParallelOptions) -> Result<D
 }
 
 /// Fails for conv norms whose statistics data parallelism does not
-/// synchronise: only BatchRenorm's are taken over the whole batch, and
-/// LayerNorm and no norm keep none.
+/// synchronise: BatchRenorm's batch statistics are summed over the ranks,
+/// LayerNorm and GroupNorm take theirs per item (a rank holds whole items)
+/// and no norm keeps none; BatchNorm's batch statistics are not synchronised.
 pub fn refuse_unsynchronised_norm(cfg: &Config) -> Result<()> {
-    let name = match cfg.model.conv_norm {
-        _ if cfg.model.transformer => return Ok(()),
-        ConvNorm::BatchRenorm | ConvNorm::LayerNorm | ConvNorm::None => return Ok(()),
-        ConvNorm::BatchNorm => "batch_norm",
-        ConvNorm::GroupNorm => "group_norm",
-    };
+    if cfg.model.transformer || cfg.model.conv_norm != ConvNorm::BatchNorm {
+        return Ok(());
+    }
     bail!(
-        "model.conv_norm: data-parallel training supports `batch_renorm`, `layer_norm` and \
-         `none`; `{name}` is not synchronised across ranks yet (train on one rank)"
+        "model.conv_norm: data-parallel training supports `batch_renorm`, `layer_norm`, \
+         `group_norm` and `none`; `batch_norm` is not synchronised across ranks yet (train on \
+         one rank)"
     )
 }
 
