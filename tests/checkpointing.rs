@@ -17,51 +17,16 @@ use std::process::Command;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use common::{load_tensors, to_f32_vec};
+use candle_core::{Device, Tensor};
+use common::{ctc_forward, load_tensors, to_f32_vec, train_step_batch, Batch};
 use lcasr::config::{load_model_section, ModelConfig};
 use lcasr::model::{Encoder, ForwardOptions, RenormState};
 use lcasr::script::{compile, CompileOptions, SessionSetup};
-use lcasr::train::loss::{ctc, Reduction};
 
 fn tiny_config() -> ModelConfig {
     let path = common::fixture("model_tiny_config.yaml");
     let text = std::fs::read_to_string(&path).unwrap();
     load_model_section(&text, &path.display().to_string()).unwrap()
-}
-
-fn as_usize(t: &Tensor) -> Vec<usize> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as usize)
-        .collect()
-}
-
-/// The training batch of the `train_step` fixture: features, lengths, targets.
-struct Batch {
-    features: Tensor,
-    lengths: Vec<usize>,
-    targets: Vec<Vec<u32>>,
-}
-
-fn fixture_batch() -> Batch {
-    let ts = load_tensors("train_step.safetensors");
-    let target_lengths = as_usize(&ts["target_lengths"]);
-    let flat = ts["targets"].to_dtype(DType::I64).unwrap();
-    let targets = (0..target_lengths.len())
-        .map(|b| {
-            let row = flat.get(b).unwrap().to_vec1::<i64>().unwrap();
-            row[..target_lengths[b]].iter().map(|&v| v as u32).collect()
-        })
-        .collect();
-    Batch {
-        features: ts["input"].clone(),
-        lengths: as_usize(&ts["input_lengths"]),
-        targets,
-    }
 }
 
 /// What one training step produced, as raw f32 bit patterns.
@@ -79,24 +44,7 @@ fn bits(t: &Tensor) -> Vec<u32> {
 
 /// Forward in training mode (CTC summed over the batch) and backward.
 fn train_step(model: &Encoder, batch: &Batch, dropout_seed: u64) -> Step {
-    let opts = ForwardOptions {
-        train: true,
-        dropout_seed,
-        ..Default::default()
-    };
-    let out = model
-        .forward(&batch.features, Some(&batch.lengths), &opts)
-        .unwrap();
-    let blank = (model.classes() - 1) as u32;
-    let loss = ctc(
-        &out.logits,
-        &batch.targets,
-        &out.lengths,
-        blank,
-        Reduction::Sum,
-        false,
-    )
-    .unwrap();
+    let (out, loss) = ctc_forward(model, batch, dropout_seed);
     let grads = loss.backward().unwrap();
     let grads = model
         .params()
@@ -196,7 +144,7 @@ fn fixture_model(every: u64) -> Encoder {
 
 #[test]
 fn checkpointed_steps_equal_the_plain_step_bit_for_bit() {
-    let batch = fixture_batch();
+    let batch = train_step_batch();
     let plain_model = fixture_model(0);
     let before = plain_model.renorm_states();
     assert!(!before.is_empty());
@@ -231,7 +179,7 @@ fn checkpointing_replays_dropout_with_sandwich_norm_and_self_conditioning() {
     cfg.n_layers = 3;
     assert!(cfg.self_conditioning);
     let classes = 16;
-    let batch = fixture_batch();
+    let batch = train_step_batch();
     let step = |every: u64, seed: u64| {
         let mut cfg = cfg.clone();
         cfg.checkpoint_every_n_layers = every;
@@ -254,7 +202,7 @@ fn checkpointing_replays_dropout_with_sandwich_norm_and_self_conditioning() {
 
 #[test]
 fn evaluation_ignores_checkpointing() {
-    let batch = fixture_batch();
+    let batch = train_step_batch();
     let logits = |every: u64| {
         let out = fixture_model(every)
             .forward(

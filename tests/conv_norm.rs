@@ -11,13 +11,14 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{load_tensors, max_abs_diff, to_f32_vec};
+use common::{
+    ctc_forward, max_abs_diff, reload_via_safetensors, to_f32_vec, train_step_batch, Batch,
+};
 use lcasr::config::{load_model_section, ConvNorm, LoadOptions, ModelConfig};
 use lcasr::model::{
     batch_norm_silu, group_norm_silu, layer_norm_silu, BatchNormMode, BatchNormState, Encoder,
     ForwardOptions, RunningStats, BATCH_NORM_MOMENTUM, CONV_NORM_EPS,
 };
-use lcasr::train::loss::{ctc, Reduction};
 
 /// Deterministic values in [-1, 1) (a 64-bit LCG), offset by `shift`.
 fn noise(n: usize, seed: u64, scale: f64, shift: f64) -> Vec<f64> {
@@ -445,32 +446,9 @@ const NEW_NORMS: [ConvNorm; 4] = [
     ConvNorm::None,
 ];
 
-/// Features, lengths (padded: they differ) and targets of the `train_step` fixture.
-struct Batch {
-    features: Tensor,
-    lengths: Vec<usize>,
-    targets: Vec<Vec<u32>>,
-}
-
-fn as_usize(t: &Tensor) -> Vec<usize> {
-    values(t).into_iter().map(|v| v as usize).collect()
-}
-
+/// The `train_step` fixture's batch, whose lengths differ (so padding is exercised).
 fn fixture_batch() -> Batch {
-    let ts = load_tensors("train_step.safetensors");
-    let target_lengths = as_usize(&ts["target_lengths"]);
-    let flat = ts["targets"].to_dtype(DType::I64).unwrap();
-    let targets = (0..target_lengths.len())
-        .map(|b| {
-            let row = flat.get(b).unwrap().to_vec1::<i64>().unwrap();
-            row[..target_lengths[b]].iter().map(|&v| v as u32).collect()
-        })
-        .collect();
-    let batch = Batch {
-        features: ts["input"].clone(),
-        lengths: as_usize(&ts["input_lengths"]),
-        targets,
-    };
+    let batch = train_step_batch();
     assert!(batch.lengths.iter().any(|&l| l != batch.lengths[0]));
     batch
 }
@@ -478,23 +456,7 @@ fn fixture_batch() -> Batch {
 /// A training forward and backward (CTC summed); the loss and the gradient
 /// of every parameter as raw bits.
 fn train_step(model: &Encoder, batch: &Batch) -> (f32, HashMap<String, Vec<u32>>, Vec<Tensor>) {
-    let opts = ForwardOptions {
-        train: true,
-        ..Default::default()
-    };
-    let out = model
-        .forward(&batch.features, Some(&batch.lengths), &opts)
-        .unwrap();
-    let blank = (model.classes() - 1) as u32;
-    let loss = ctc(
-        &out.logits,
-        &batch.targets,
-        &out.lengths,
-        blank,
-        Reduction::Sum,
-        false,
-    )
-    .unwrap();
+    let (_, loss) = ctc_forward(model, batch, 0);
     let grads = loss.backward().unwrap();
     let mut bits = HashMap::new();
     let mut tensors = Vec::new();
@@ -602,14 +564,7 @@ fn models_with_each_norm_train_save_and_reload() {
 
         // The model file round trip.
         let path = dir.path().join(format!("{norm:?}.safetensors"));
-        let dict: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
-        candle_core::safetensors::save(&dict, &path).unwrap();
-        let reloaded = Encoder::from_state_dict(
-            &cfg,
-            candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
-            &Device::Cpu,
-        )
-        .unwrap();
+        let reloaded = reload_via_safetensors(&model, &cfg, &path);
         let want_logits = eval_logits(&model, &batch);
         assert_eq!(eval_logits(&reloaded, &batch), want_logits, "{norm:?}");
         assert_eq!(reloaded.running_stats(), stats, "{norm:?}");

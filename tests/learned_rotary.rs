@@ -7,8 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
-use common::{load_tensors, max_abs_diff, to_f32_vec};
+use candle_core::{Device, Tensor};
+use common::{max_abs_diff, reload_via_safetensors, to_f32_vec, train_step_batch};
 use lcasr::config::{load_model_section, ConvNorm, ModelConfig};
 use lcasr::model::{Encoder, ForwardOptions};
 
@@ -23,20 +23,10 @@ fn tiny_config(learned: bool) -> ModelConfig {
     cfg
 }
 
-fn as_usize(t: &Tensor) -> Vec<usize> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as usize)
-        .collect()
-}
-
 /// Features and (unequal) lengths of the `train_step` fixture.
 fn fixture_batch() -> (Tensor, Vec<usize>) {
-    let ts = load_tensors("train_step.safetensors");
-    (ts["input"].clone(), as_usize(&ts["input_lengths"]))
+    let batch = train_step_batch();
+    (batch.features, batch.lengths)
 }
 
 fn logits(model: &Encoder, x: &Tensor, lengths: &[usize], train: bool) -> Tensor {
@@ -222,17 +212,9 @@ fn learned_frequencies_train_save_and_reload() {
         "the frequencies trained"
     );
 
-    let dict: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
-    assert!(dict.contains_key(NAME));
+    assert!(model.state_dict().unwrap().iter().any(|(n, _)| n == NAME));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.safetensors");
-    candle_core::safetensors::save(&dict, &path).unwrap();
-    let reloaded = Encoder::from_state_dict(
-        &cfg,
-        candle_core::safetensors::load(&path, &Device::Cpu).unwrap(),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let reloaded = reload_via_safetensors(&model, &cfg, &dir.path().join("model.safetensors"));
     assert_eq!(
         to_f32_vec(reloaded.params()[NAME].as_tensor()),
         to_f32_vec(var.as_tensor())

@@ -29,16 +29,6 @@ fn tiny_model() -> Encoder {
     .unwrap()
 }
 
-fn lengths(t: &Tensor) -> Vec<usize> {
-    t.to_dtype(DType::I64)
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as usize)
-        .collect()
-}
-
 fn assert_close(name: &str, got: &Tensor, want: &Tensor, atol: f32) {
     assert_eq!(got.dims(), want.dims(), "{name}: shape");
     let d = max_abs_diff(&to_f32_vec(got), &to_f32_vec(want));
@@ -53,9 +43,9 @@ fn eval_outputs_match_reference() {
         keep_layer_outputs: true,
         ..Default::default()
     };
-    let lens = lengths(&io["input_lengths"]);
+    let lens = common::to_usize_vec(&io["input_lengths"]);
     let out = model.forward(&io["input"], Some(&lens), &opts).unwrap();
-    assert_eq!(out.lengths, lengths(&io["output_lengths"]));
+    assert_eq!(out.lengths, common::to_usize_vec(&io["output_lengths"]));
     assert_close("logits", &out.logits, &io["logits"], 2e-4);
     assert_close(
         "log_probs",
@@ -82,11 +72,11 @@ fn eval_outputs_match_reference() {
 fn equal_lengths_batch_uses_no_masks() {
     let io = load_tensors("model_tiny_io.safetensors");
     let model = tiny_model();
-    let lens = lengths(&io["eq.input_lengths"]);
+    let lens = common::to_usize_vec(&io["eq.input_lengths"]);
     let out = model
         .forward(&io["eq.input"], Some(&lens), &ForwardOptions::default())
         .unwrap();
-    assert_eq!(out.lengths, lengths(&io["eq.output_lengths"]));
+    assert_eq!(out.lengths, common::to_usize_vec(&io["eq.output_lengths"]));
     assert_close(
         "eq.log_probs",
         &out.log_probs().unwrap(),
@@ -149,14 +139,14 @@ fn mismatched_checkpoint_lists_every_problem() {
 fn training_step_matches_reference_through_the_madgrad_update() {
     let ts = load_tensors("train_step.safetensors");
     let model = tiny_model();
-    let lens = lengths(&ts["input_lengths"]);
+    let lens = common::to_usize_vec(&ts["input_lengths"]);
     let opts = ForwardOptions {
         train: true,
         compat_renorm_padding: true,
         ..Default::default()
     };
     let out = model.forward(&ts["input"], Some(&lens), &opts).unwrap();
-    assert_eq!(out.lengths, lengths(&ts["output_lengths"]));
+    assert_eq!(out.lengths, common::to_usize_vec(&ts["output_lengths"]));
     assert_close(
         "log_probs",
         &out.log_probs().unwrap(),
@@ -164,7 +154,7 @@ fn training_step_matches_reference_through_the_madgrad_update() {
         2e-4,
     );
 
-    let target_lengths = lengths(&ts["target_lengths"]);
+    let target_lengths = common::to_usize_vec(&ts["target_lengths"]);
     let targets_flat = ts["targets"].to_dtype(DType::I64).unwrap();
     let targets: Vec<Vec<u32>> = (0..target_lengths.len())
         .map(|b| {
@@ -350,7 +340,7 @@ fn reference_pt_checkpoint_loads_with_its_config() {
     let model =
         Encoder::from_state_dict(&ckpt.model_config.unwrap(), ckpt.tensors, &Device::Cpu).unwrap();
     let io = load_tensors("model_tiny_io.safetensors");
-    let lens = lengths(&io["input_lengths"]);
+    let lens = common::to_usize_vec(&io["input_lengths"]);
     let out = model
         .forward(&io["input"], Some(&lens), &ForwardOptions::default())
         .unwrap();

@@ -172,3 +172,86 @@ pub fn entry_names(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// An integer tensor's values as `usize` (lengths stored in fixtures).
+pub fn to_usize_vec(t: &Tensor) -> Vec<usize> {
+    t.to_dtype(candle_core::DType::I64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as usize)
+        .collect()
+}
+
+/// A training batch: features (B, F, T), valid frames and target ids per item.
+pub struct Batch {
+    pub features: Tensor,
+    pub lengths: Vec<usize>,
+    pub targets: Vec<Vec<u32>>,
+}
+
+/// The training batch of the `train_step` fixture (its items' lengths differ).
+pub fn train_step_batch() -> Batch {
+    let ts = load_tensors("train_step.safetensors");
+    let target_lengths = to_usize_vec(&ts["target_lengths"]);
+    let flat = ts["targets"].to_dtype(candle_core::DType::I64).unwrap();
+    let targets = (0..target_lengths.len())
+        .map(|b| {
+            let row = flat.get(b).unwrap().to_vec1::<i64>().unwrap();
+            row[..target_lengths[b]].iter().map(|&v| v as u32).collect()
+        })
+        .collect();
+    Batch {
+        features: ts["input"].clone(),
+        lengths: to_usize_vec(&ts["input_lengths"]),
+        targets,
+    }
+}
+
+/// A training-mode forward of `model` on `batch` (dropout drawn from
+/// `dropout_seed`) and its CTC loss summed over the batch.
+pub fn ctc_forward(
+    model: &lcasr::model::Encoder,
+    batch: &Batch,
+    dropout_seed: u64,
+) -> (lcasr::model::EncoderOutput, Tensor) {
+    let opts = lcasr::model::ForwardOptions {
+        train: true,
+        dropout_seed,
+        ..Default::default()
+    };
+    let out = model
+        .forward(&batch.features, Some(&batch.lengths), &opts)
+        .unwrap();
+    let blank = (model.classes() - 1) as u32;
+    let loss = lcasr::train::loss::ctc(
+        &out.logits,
+        &batch.targets,
+        &out.lengths,
+        blank,
+        lcasr::train::loss::Reduction::Sum,
+        false,
+    )
+    .unwrap();
+    (out, loss)
+}
+
+/// `model` saved as a safetensors state dict at `path` and built again from
+/// that file with `cfg`.
+pub fn reload_via_safetensors(
+    model: &lcasr::model::Encoder,
+    cfg: &lcasr::config::ModelConfig,
+    path: &Path,
+) -> lcasr::model::Encoder {
+    let dict: HashMap<String, Tensor> = model.state_dict().unwrap().into_iter().collect();
+    candle_core::safetensors::save(&dict, path).unwrap();
+    lcasr::model::Encoder::from_state_dict(
+        cfg,
+        candle_core::safetensors::load(path, &Device::Cpu).unwrap(),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
