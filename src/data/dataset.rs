@@ -60,7 +60,7 @@ impl Dataset {
             let file = &r.features;
             let map = map_file(file)?;
             frames.push(features_view(&map, file)?.frames);
-            let Some(found) = (!is_torch_file(&map)).then(|| cache_recipe(&map)).flatten() else {
+            let Some(found) = recorded_recipe(&map) else {
                 continue;
             };
             match recipe {
@@ -176,19 +176,26 @@ impl Dataset {
 }
 
 /// The whole (80, T) f32 features of one cached file (our safetensors cache
-/// or a reference `.spec.pt`), for evaluation.
-pub fn read_whole_features(path: &Path) -> Result<Tensor> {
+/// or a reference `.spec.pt`), for evaluation, with the recipe `prepare`
+/// recorded in it (see [`recorded_recipe`]).
+pub fn read_whole_features(path: &Path) -> Result<(Tensor, Option<FeatureRecipe>)> {
     let map = map_file(path)?;
     let view = features_view(&map, path)?;
     let data: Vec<f32> = (0..view.rows)
         .flat_map(|r| (0..view.frames).map(move |t| (r, t)))
         .map(|(r, t)| view.get(r, t))
         .collect();
-    Ok(Tensor::from_vec(
-        data,
-        (view.rows, view.frames),
-        &Device::Cpu,
-    )?)
+    let features = Tensor::from_vec(data, (view.rows, view.frames), &Device::Cpu)?;
+    Ok((features, recorded_recipe(&map)))
+}
+
+/// The recipe `prepare` recorded in a feature file's metadata; `None` for
+/// caches written by other tools and for torch files (the reference's
+/// `.spec.pt` files do not say).
+fn recorded_recipe(bytes: &[u8]) -> Option<FeatureRecipe> {
+    (!is_torch_file(bytes))
+        .then(|| cache_recipe(bytes))
+        .flatten()
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {

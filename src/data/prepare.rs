@@ -359,9 +359,9 @@ fn cached_samples(file: &Path, hash: &str, recipe: &str) -> Option<usize> {
         .flatten()
 }
 
-/// Reads a cached feature file as (80, T) f32.
+/// Reads a cached feature file (ours or a reference `.spec.pt`) as (80, T) f32.
 pub fn load_features(path: &Path) -> Result<Tensor> {
-    Ok(load_features_with_recipe(path)?.0)
+    Ok(super::dataset::read_whole_features(path)?.0)
 }
 
 /// The recipe `prepare` recorded in the metadata of a safetensors feature
@@ -369,23 +369,4 @@ pub fn load_features(path: &Path) -> Result<Tensor> {
 pub fn cache_recipe(bytes: &[u8]) -> Option<FeatureRecipe> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).ok()?;
     FeatureRecipe::from_name(meta.metadata().as_ref()?.get(META_RECIPE)?)
-}
-
-/// Reads a cached feature file as (80, T) f32 with the recipe recorded in it
-/// by `prepare` (`None` for caches written by other tools and for the
-/// reference's `.spec.pt` files, which are power-mel).
-pub fn load_features_with_recipe(path: &Path) -> Result<(Tensor, Option<FeatureRecipe>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read features {}", path.display()))?;
-    if super::torch_spec::is_torch_file(&bytes) {
-        return Ok((super::dataset::read_whole_features(path)?, None));
-    }
-    let recipe = cache_recipe(&bytes);
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .with_context(|| format!("cannot read features {}", path.display()))?;
-    let features = tensors
-        .get("features")
-        .ok_or_else(|| anyhow!("{}: no `features` tensor", path.display()))?
-        .to_dtype(DType::F32)?;
-    Ok((features, recipe))
 }

@@ -15,8 +15,8 @@ use serde::Serialize;
 use super::load::LoadedModel;
 use super::longform::{log_probs_with_progress, ContextOptions, LongformMode};
 use crate::audio::features::{FeatureRecipe, HOP_LENGTH, SAMPLE_RATE};
+use crate::data::dataset::read_whole_features;
 use crate::data::manifest::{Manifest, Recording};
-use crate::data::prepare::load_features_with_recipe;
 use crate::decode::greedy::greedy;
 use crate::fsutil::write_atomic;
 use crate::run::plot::line_chart;
@@ -168,7 +168,7 @@ pub fn evaluate(
 /// different recipe than the model's (a power-mel model fed log-mel
 /// features decodes garbage without any other sign).
 fn load_checked(path: &Path, expected: FeatureRecipe) -> Result<Tensor> {
-    let (features, recipe) = load_features_with_recipe(path)?;
+    let (features, recipe) = read_whole_features(path)?;
     match recipe {
         Some(found) if found != expected => bail!(
             "{}: features were prepared as {} but the model takes {}: {}",
