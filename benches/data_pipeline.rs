@@ -12,6 +12,11 @@ use lcasr::data::dataset::Dataset;
 use lcasr::data::prepare::{discover, prepare};
 use lcasr::text::tokenizer::train_bpe;
 
+/// Large tensors come from huge pages and are reused across steps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: lcasr::runtime::LargeBlockAlloc = lcasr::runtime::LargeBlockAlloc;
+
 fn main() {
     lcasr::runtime::tune_allocator();
     // One hour of 16 kHz audio: two tones and a chirp.

@@ -137,6 +137,11 @@ fn run(model_name: &str, ctx_arg: &str, minutes: f64) -> Result<()> {
     Ok(())
 }
 
+/// Large tensors come from huge pages and are reused across steps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: lcasr::runtime::LargeBlockAlloc = lcasr::runtime::LargeBlockAlloc;
+
 fn main() -> Result<()> {
     lcasr::runtime::tune_allocator();
     let args: Vec<String> = std::env::args()

@@ -40,6 +40,11 @@ fn features(b: usize, t: usize) -> Tensor {
     Tensor::from_vec(v, (b, 80, t), &Device::Cpu).unwrap()
 }
 
+/// Large tensors come from huge pages and are reused across steps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: lcasr::runtime::LargeBlockAlloc = lcasr::runtime::LargeBlockAlloc;
+
 fn main() {
     lcasr::runtime::tune_allocator();
     let (b, t, runs) = (

@@ -17,6 +17,11 @@ use lcasr::run::run_dir::StartMode;
 /// Rounds per variant; the best is reported.
 const ROUNDS: usize = 3;
 
+/// Large tensors come from huge pages and are reused across steps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: lcasr::runtime::LargeBlockAlloc = lcasr::runtime::LargeBlockAlloc;
+
 fn main() {
     lcasr::runtime::tune_allocator();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

@@ -293,6 +293,11 @@ struct TokenizerTrainArgs {
 /// Exit status for bad input (configs, arguments), as clap uses for usage errors.
 const EXIT_BAD_INPUT: u8 = 2;
 
+/// Large tensors come from huge pages and are reused across steps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: lcasr::runtime::LargeBlockAlloc = lcasr::runtime::LargeBlockAlloc;
+
 fn main() -> ExitCode {
     install_panic_hook();
     lcasr::runtime::tune_allocator();

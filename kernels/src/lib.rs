@@ -1,6 +1,7 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
 //! exposed as a candle custom op.
 
+pub mod activation;
 pub mod attention;
 pub mod batch_renorm;
 pub mod conv2d;

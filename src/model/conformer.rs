@@ -3,6 +3,7 @@
 //! its norm (BatchRenorm by default), ½·FF, and a final norm.
 
 use candle_core::{Result, Tensor, Var};
+use lcasr_kernels::activation::gelu_tanh;
 use lcasr_kernels::attention::{attention, AttentionOptions};
 use lcasr_kernels::depthwise_conv::depthwise_conv1d;
 use lcasr_kernels::glu::glu;
@@ -27,7 +28,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x, ctx)?.gelu()?, ctx)
+        self.fc2
+            .forward(&gelu_tanh(&self.fc1.forward(x, ctx)?)?, ctx)
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::anyhow;
 use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use lcasr_kernels::activation::silu;
 use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
 use lcasr_kernels::norm::layer_norm;
 
@@ -292,12 +293,12 @@ pub fn group_norm_silu(
 /// LayerNorm over the channels (eps 1e-5, the fused kernel of the model's
 /// other LayerNorms), then SiLU, on (B, N, C).
 pub fn layer_norm_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    layer_norm(x, weight, bias, CONV_NORM_EPS)?.silu()
+    silu(&layer_norm(x, weight, bias, CONV_NORM_EPS)?)
 }
 
 /// SiLU(y·weight + bias) over the last dimension.
 fn affine_silu(y: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    y.broadcast_mul(weight)?.broadcast_add(bias)?.silu()
+    silu(&y.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
 /// (B, N, 1) with 1 where t < lengths[b] and 0 elsewhere, for the (B, N, C)
@@ -449,7 +450,7 @@ impl ConvNormLayer {
             ConvNormLayer::Group { weight, bias } => {
                 group_norm_silu(h, &ctx.w(weight), &ctx.w(bias), GROUP_NORM_GROUPS, lengths)
             }
-            ConvNormLayer::Identity => h.silu(),
+            ConvNormLayer::Identity => silu(h),
         }
     }
 

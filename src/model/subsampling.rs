@@ -2,6 +2,7 @@
 //! stride-2 3x3 convolutions, then a linear map to d_model (reference-spec §3.2).
 
 use candle_core::{Result, Tensor, Var};
+use lcasr_kernels::activation::silu;
 use lcasr_kernels::conv2d::{conv2d_k3s2, depthwise_conv2d_k3s2, out_len};
 
 use super::builder::{Builder, Init};
@@ -199,7 +200,7 @@ fn pointwise(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
-        Activation::Silu => x.silu(),
+        Activation::Silu => silu(x),
         Activation::Relu => x.relu(),
         Activation::Gelu => x.gelu_erf(),
         Activation::None => Ok(x.clone()),
