@@ -11,3 +11,4 @@ pub mod depthwise_conv;
 pub mod glu;
 pub mod norm;
 pub mod rotary;
+pub mod softmax;

@@ -1,6 +1,7 @@
 //! The CTC head and self-conditioning (reference-spec §3.8, §3.9.2).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Result, Tensor};
+use lcasr_kernels::softmax::softmax_last_dim;
 
 use super::builder::Builder;
 use super::layers::{Ctx, Linear, Norm};
@@ -50,7 +51,7 @@ impl Decoder {
     pub fn self_condition(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
         let normed = self.norm(x, ctx)?;
         let logits = self.ff.forward(&normed, ctx)?;
-        let probs = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let probs = softmax_last_dim(&logits)?;
         let mut update = self.reprojection.forward(&probs, ctx)?;
         if let Some(gate) = &self.gate {
             let g = candle_nn::ops::sigmoid(&gate.forward(&normed, ctx)?)?;
