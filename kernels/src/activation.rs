@@ -96,6 +96,25 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// `y = silu(y)` in place.
+    pub(crate) fn silu_in_place(y: &mut [f32]) {
+        for v in y.iter_mut() {
+            *v *= sigmoid(*v);
+        }
+    }
+}
+
+multiversion! {
+    /// `pre = dy * silu'(pre)` in place: the gradient before a SiLU from its input and output gradient.
+    pub(crate) fn silu_grad_in_place(pre: &mut [f32], dy: &[f32]) {
+        for (p, &g) in pre.iter_mut().zip(dy) {
+            let s = sigmoid(*p);
+            *p = g * s * (1.0 + *p * (1.0 - s));
+        }
+    }
+}
+
 /// A vector of `n` values, each chunk of [`CHUNK`] written by `f(chunk index, chunk)`
 /// in parallel; never zero-filled first.
 fn par_fill(n: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {

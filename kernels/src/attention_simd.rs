@@ -286,8 +286,9 @@ pub(crate) fn matmul(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Rows of the register block.
-    const MR: usize = 4;
+    /// Rows of the register block: 6 x 16 keeps 12 accumulators, two loads of `b` and
+    /// one broadcast in flight (15 of the 16 ymm registers).
+    const MR: usize = 6;
 
     /// `c (m x n) [+]= a (m x k) * b (k x n)`; `a` at `a[r * a_rs + p * a_cs]`, `b` at `b[p * b_rs + j]`.
     ///
@@ -330,7 +331,7 @@ mod avx2 {
                 j += 8;
             }
             if j < n {
-                scalar(mr, n - j, &args, ci.add(j), ai, b.add(j));
+                masked(mr, n - j, &args, ci.add(j), ai, b.add(j));
             }
             i += MR;
         }
@@ -356,6 +357,8 @@ mod avx2 {
         b: *const f32,
     ) {
         match mr {
+            6 => kernel::<6, NV>(s, c, a, b),
+            5 => kernel::<5, NV>(s, c, a, b),
             4 => kernel::<4, NV>(s, c, a, b),
             3 => kernel::<3, NV>(s, c, a, b),
             2 => kernel::<2, NV>(s, c, a, b),
@@ -416,18 +419,55 @@ mod avx2 {
         }
     }
 
-    /// Fewer than 8 trailing columns.
+    /// Fewer than 8 trailing columns (head sizes such as 36): one masked 8-lane block.
     #[inline(always)]
-    unsafe fn scalar(mr: usize, nr: usize, s: &Args, c: *mut f32, a: *const f32, b: *const f32) {
-        for r in 0..mr {
-            for j in 0..nr {
-                let mut x = 0f32;
-                for p in 0..s.k {
-                    x += *a.add(r * s.a_rs + p * s.a_cs) * *b.add(p * s.b_rs + j);
-                }
-                let cp = c.add(r * s.c_rs + j);
-                *cp = if s.acc { *cp + x } else { x };
+    unsafe fn masked(mr: usize, nr: usize, s: &Args, c: *mut f32, a: *const f32, b: *const f32) {
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nr as i32), lanes);
+        match mr {
+            6 => masked_kernel::<6>(s, c, a, b, mask),
+            5 => masked_kernel::<5>(s, c, a, b, mask),
+            4 => masked_kernel::<4>(s, c, a, b, mask),
+            3 => masked_kernel::<3>(s, c, a, b, mask),
+            2 => masked_kernel::<2>(s, c, a, b, mask),
+            _ => masked_kernel::<1>(s, c, a, b, mask),
+        }
+    }
+
+    /// `R x nr` block (nr < 8 lanes enabled in `mask`): masked loads of `b` and masked
+    /// loads and stores of `c`, so nothing past the last column is touched.
+    #[inline(always)]
+    unsafe fn masked_kernel<const R: usize>(
+        s: &Args,
+        c: *mut f32,
+        a: *const f32,
+        b: *const f32,
+        mask: __m256i,
+    ) {
+        let mut t = [_mm256_setzero_ps(); R];
+        let mut ap = [a; R];
+        for (r, p) in ap.iter_mut().enumerate() {
+            *p = a.wrapping_add(r.wrapping_mul(s.a_rs));
+        }
+        let mut bp = b;
+        for _ in 0..s.k {
+            let bv = _mm256_maskload_ps(bp, mask);
+            for r in 0..R {
+                let av = _mm256_set1_ps(ap[r].read_unaligned());
+                t[r] = _mm256_fmadd_ps(av, bv, t[r]);
+                ap[r] = ap[r].wrapping_add(s.a_cs);
             }
+            bp = bp.wrapping_add(s.b_rs);
+        }
+        let mut cp = c;
+        for tr in t {
+            let out = if s.acc {
+                _mm256_add_ps(_mm256_maskload_ps(cp, mask), tr)
+            } else {
+                tr
+            };
+            _mm256_maskstore_ps(cp, mask, out);
+            cp = cp.wrapping_add(s.c_rs);
         }
     }
 }
@@ -485,6 +525,8 @@ mod tests {
             (64, 128, 32),
             (1, 3, 1),
             (7, 24, 9),
+            (64, 36, 64),
+            (11, 4, 3),
         ] {
             let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
             let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();

@@ -1,12 +1,16 @@
 //! The subsampling convolutions: 3x3 kernels, stride 2, padding 1, with bias, in NCHW
 //! layout like PyTorch, for any H and W. `conv2d_k3s2` (groups = 1) uses a blocked
 //! im2col and gemm; `depthwise_conv2d_k3s2` (groups = C) uses direct loops. Both are
-//! candle custom ops with forward and backward.
+//! candle custom ops with forward and backward. `conv2d_k3s2_silu` fuses the SiLU that
+//! follows the subsampling's first convolution and keeps only its output: the backward
+//! recomputes the pre-activation block by block, so neither it nor its gradient is ever
+//! held whole (at 16,384 input frames each would be 256 x 8192 x 40 floats per item).
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::activation::{silu_grad_in_place, silu_in_place};
 use crate::cpu_f32::{check_f32, cpu_slice, dot, multiversion, sum, to_vec_f32, with_f32};
 
 /// Upper bound on the elements of one im2col block.
@@ -33,8 +37,28 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
             weight.dims()
         );
     }
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Conv2d)
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        Conv2d { silu: false },
+    )
+}
+
+/// `silu(conv2d_k3s2(x, weight, bias))` as one op that saves only `x` and its
+/// output; same shapes, gradients and f32 requirement as [`conv2d_k3s2`].
+pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_b, cin, _h, _w) = check_args("conv2d_k3s2_silu", x, weight, bias)?;
+    if weight.dim(1)? != cin {
+        bail!(
+            "conv2d_k3s2_silu: weight must be (Cout, Cin={cin}, 3, 3), got {:?}",
+            weight.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        Conv2d { silu: true },
+    )
 }
 
 /// Depthwise 2-D convolution (groups = C), kernel 3x3, stride 2, padding 1:
@@ -230,11 +254,18 @@ fn channel_sums(data: &[f32], c: usize, plane: usize) -> Vec<f32> {
     out
 }
 
-struct Conv2d;
+/// The groups = 1 convolution, optionally followed by SiLU.
+struct Conv2d {
+    silu: bool,
+}
 
 impl CustomOp3 for Conv2d {
     fn name(&self) -> &'static str {
-        "lcasr-conv2d-k3s2"
+        if self.silu {
+            "lcasr-conv2d-k3s2-silu"
+        } else {
+            "lcasr-conv2d-k3s2"
+        }
     }
 
     fn cpu_fwd(
@@ -281,6 +312,9 @@ impl CustomOp3 for Conv2d {
                 };
             }
         }
+        if self.silu {
+            y.par_chunks_mut(plane).for_each(silu_in_place);
+        }
         Ok((CpuStorage::F32(y), Shape::from((d.b, d.cout, d.ho, d.wo))))
     }
 
@@ -288,65 +322,104 @@ impl CustomOp3 for Conv2d {
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _bias: &Tensor,
+        bias: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let op = self.name();
         let w = to_vec_f32(weight, op)?;
+        let bias = to_vec_f32(bias, op)?;
         let d = Dims::new(x.dims(), weight.dim(0)?);
         let want_dx = x.track_op();
         let plane = d.ho * d.wo;
-        let (dx, dw, db) = with_f32(x, op, |x| {
-            with_f32(grad, op, |dy| {
-                let db = channel_sums(dy, d.cout, plane);
-                let mut dw = vec![0.0f32; d.cout * d.k()];
-                let mut dx = vec![0.0f32; if want_dx { x.len() } else { 0 }];
-                let block = d.k() * d.rows_per_block() * d.wo;
-                let mut col = vec![0.0f32; block];
-                let mut dcol = vec![0.0f32; if want_dx { block } else { 0 }];
-                let in_size = d.cin * d.h * d.w;
-                for bi in 0..d.b {
-                    let xb = &x[bi * in_size..][..in_size];
-                    for (h0, h1) in d.blocks() {
-                        let nb = (h1 - h0) * d.wo;
-                        let g = dy[bi * d.cout * plane + h0 * d.wo..].as_ptr();
-                        im2col(xb, &d, h0, h1, &mut col);
-                        // SAFETY: dw is (Cout, k); g spans Cout rows of stride `plane` with nb
-                        // values each inside dy; col is (k, nb), read transposed.
-                        unsafe {
-                            matmul(
-                                d.cout,
-                                d.k(),
-                                nb,
-                                dw.as_mut_ptr(),
-                                d.k(),
-                                true,
-                                (g, plane, 1),
-                                (col.as_ptr(), 1, nb),
-                            )
-                        };
-                        if want_dx {
-                            // SAFETY: dcol is (k, nb); w is (Cout, k) read transposed; g as above.
+        let (dx, dw, db) =
+            with_f32(x, op, |x| {
+                with_f32(grad, op, |dy| {
+                    let mut db = vec![0.0f32; d.cout];
+                    let mut dw = vec![0.0f32; d.cout * d.k()];
+                    let mut dx = vec![0.0f32; if want_dx { x.len() } else { 0 }];
+                    let cols = d.rows_per_block() * d.wo;
+                    let mut col = vec![0.0f32; d.k() * cols];
+                    let mut dcol = vec![0.0f32; if want_dx { d.k() * cols } else { 0 }];
+                    // With the fused SiLU: one block's recomputed pre-activation, then its gradient.
+                    let mut pre = vec![0.0f32; if self.silu { d.cout * cols } else { 0 }];
+                    let in_size = d.cin * d.h * d.w;
+                    for bi in 0..d.b {
+                        let xb = &x[bi * in_size..][..in_size];
+                        for (h0, h1) in d.blocks() {
+                            let nb = (h1 - h0) * d.wo;
+                            let dy_block = &dy[bi * d.cout * plane + h0 * d.wo..];
+                            im2col(xb, &d, h0, h1, &mut col);
+                            if self.silu {
+                                pre[..d.cout * nb]
+                                    .par_chunks_mut(nb)
+                                    .zip(bias.par_iter())
+                                    .for_each(|(r, &b)| r.fill(b));
+                                // SAFETY: pre is (Cout, nb); w is (Cout, k); col is (k, nb).
+                                unsafe {
+                                    matmul(
+                                        d.cout,
+                                        nb,
+                                        d.k(),
+                                        pre.as_mut_ptr(),
+                                        nb,
+                                        true,
+                                        (w.as_ptr(), d.k(), 1),
+                                        (col.as_ptr(), nb, 1),
+                                    )
+                                };
+                                pre[..d.cout * nb].par_chunks_mut(nb).enumerate().for_each(
+                                    |(c, r)| silu_grad_in_place(r, &dy_block[c * plane..][..nb]),
+                                );
+                            }
+                            // The output gradient of this block: Cout rows of nb values, row stride g_rs.
+                            let (g, g_rs) = if self.silu {
+                                (&pre[..d.cout * nb], nb)
+                            } else {
+                                (dy_block, plane)
+                            };
+                            let sums: Vec<f32> = (0..d.cout)
+                                .into_par_iter()
+                                .map(|c| sum(&g[c * g_rs..][..nb]))
+                                .collect();
+                            for (acc, s) in db.iter_mut().zip(sums) {
+                                *acc += s;
+                            }
+                            // SAFETY: dw is (Cout, k); g spans Cout rows of stride g_rs with nb
+                            // values each; col is (k, nb), read transposed.
                             unsafe {
                                 matmul(
+                                    d.cout,
                                     d.k(),
                                     nb,
-                                    d.cout,
-                                    dcol.as_mut_ptr(),
-                                    nb,
-                                    false,
-                                    (w.as_ptr(), 1, d.k()),
-                                    (g, plane, 1),
+                                    dw.as_mut_ptr(),
+                                    d.k(),
+                                    true,
+                                    (g.as_ptr(), g_rs, 1),
+                                    (col.as_ptr(), 1, nb),
                                 )
                             };
-                            col2im(&dcol, &d, h0, h1, &mut dx[bi * in_size..][..in_size]);
+                            if want_dx {
+                                // SAFETY: dcol is (k, nb); w is (Cout, k) read transposed; g as above.
+                                unsafe {
+                                    matmul(
+                                        d.k(),
+                                        nb,
+                                        d.cout,
+                                        dcol.as_mut_ptr(),
+                                        nb,
+                                        false,
+                                        (w.as_ptr(), 1, d.k()),
+                                        (g.as_ptr(), g_rs, 1),
+                                    )
+                                };
+                                col2im(&dcol, &d, h0, h1, &mut dx[bi * in_size..][..in_size]);
+                            }
                         }
                     }
-                }
-                Ok((dx, dw, db))
-            })
-        })?;
+                    Ok((dx, dw, db))
+                })
+            })?;
         let dev = x.device();
         let dx = if want_dx {
             Some(Tensor::from_vec(dx, x.shape(), dev)?)

@@ -7,7 +7,7 @@ mod ops_support;
 use std::path::PathBuf;
 
 use candle_core::{Device, Result, Tensor};
-use lcasr_kernels::conv2d::{conv2d_k3s2, depthwise_conv2d_k3s2};
+use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
 use ops_support::{check_op, Rng};
 
 /// Input pixel (2i + k - 1) for every output i, as (B, C, Ho, Wo) taps of the padded input.
@@ -112,6 +112,27 @@ fn conv2d_blocks_cover_large_inputs() {
         || composed_conv(&x, &wt, &bias),
         1e-4,
     );
+}
+
+#[test]
+fn conv2d_silu_matches_composed_for_any_parity_and_blocks() {
+    // SHAPES cover every H/W parity; the last input needs several im2col blocks.
+    let mut rng = Rng::new(23);
+    let mut shapes = SHAPES.to_vec();
+    shapes.push((2, 1, 260, 129));
+    for (b, cin, h, w) in shapes {
+        let x = rng.var(&[b, cin, h, w], -2.0, 2.0);
+        let wt = rng.var(&[5, cin, 3, 3], -1.0, 1.0);
+        let bias = rng.var(&[5], -0.5, 0.5);
+        check_op(
+            &format!("conv2d_k3s2_silu x={:?}", (b, cin, h, w)),
+            &mut rng,
+            &[&x, &wt, &bias],
+            || conv2d_k3s2_silu(&x, &wt, &bias),
+            || composed_conv(&x, &wt, &bias)?.silu(),
+            1e-4,
+        );
+    }
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 use lcasr_kernels::activation::silu;
-use lcasr_kernels::conv2d::{conv2d_k3s2, depthwise_conv2d_k3s2, out_len};
+use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2, out_len};
 
 use super::builder::{Builder, Init};
 use super::layers::{Ctx, Linear, Norm};
@@ -125,7 +125,13 @@ impl Subsampling {
         let mut h = x.unsqueeze(1)?;
         for stage in &self.stages {
             h = match stage {
-                Stage::Full { weight, bias } => conv2d_k3s2(&h, &ctx.w(weight), &ctx.w(bias))?,
+                // The fused op keeps no pre-activation: at long context the largest tensor.
+                Stage::Full { weight, bias } if self.act == Activation::Silu => {
+                    conv2d_k3s2_silu(&h, &ctx.w(weight), &ctx.w(bias))?
+                }
+                Stage::Full { weight, bias } => {
+                    activate(&conv2d_k3s2(&h, &ctx.w(weight), &ctx.w(bias))?, self.act)?
+                }
                 Stage::Separable {
                     dw_weight,
                     dw_bias,
@@ -133,10 +139,12 @@ impl Subsampling {
                     pw_bias,
                 } => {
                     let h = depthwise_conv2d_k3s2(&h, &ctx.w(dw_weight), &ctx.w(dw_bias))?;
-                    pointwise(&h, &ctx.w(pw_weight), &ctx.w(pw_bias))?
+                    activate(
+                        &pointwise(&h, &ctx.w(pw_weight), &ctx.w(pw_bias))?,
+                        self.act,
+                    )?
                 }
             };
-            h = activate(&h, self.act)?;
         }
         let (_, c, t, f) = h.dims4()?;
         debug_assert_eq!(c, self.channels);
