@@ -319,7 +319,8 @@ fn running_the_model_block_by_block_equals_forward() {
         model.eval_mode();
         let x = randn([2, 80, 64]);
         let lengths = [64, 40];
-        let out = model.forward(x, lengths);
+        let out = model.forward(x, lengths, #{ interim_logits: true });
+        if model.forward(x, lengths).interim.len() != 0 { throw "interim logits kept unasked"; }
         let h = model.subsample(x, lengths);
         if h.lengths != out.lengths { throw `lengths ${h.lengths} vs ${out.lengths}`; }
         let interim = [];

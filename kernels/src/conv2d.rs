@@ -7,11 +7,10 @@
 //! held whole (at 16,384 input frames each would be 256 x 8192 x 40 floats per item).
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 use crate::activation::{silu_grad_in_place, silu_in_place};
-use crate::cpu_f32::{check_f32, cpu_slice, dot, multiversion, sum, to_vec_f32, with_f32};
+use crate::cpu_f32::{check_f32, cpu_slice, dot, matmul, multiversion, sum, to_vec_f32, with_f32};
 
 /// Upper bound on the elements of one im2col block.
 const COL_BLOCK: usize = 1 << 20;
@@ -196,52 +195,6 @@ fn col2im(col: &[f32], d: &Dims, h0: usize, h1: usize, dx: &mut [f32]) {
                 }
             }
         });
-}
-
-/// A strided matrix operand for [`matmul`]: base pointer, row stride, column stride.
-type Mat = (*const f32, usize, usize);
-
-/// dst (m x n, row stride `dst_rs`, unit column stride) = [dst +] lhs (m x k) @ rhs (k x n).
-///
-/// # Safety
-/// Every pointer must be valid for the extents its strides describe.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: Mat,
-    rhs: Mat,
-) {
-    let threads = rayon::current_num_threads();
-    gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        },
-    );
 }
 
 /// Sum of each (H*W) plane of an NCHW tensor, accumulated per channel.

@@ -2,6 +2,7 @@
 //! to candle storage, AVX2/FMA multiversioning and vectorisable math helpers.
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
+use gemm::{gemm, Parallelism};
 
 /// Fails unless `t` holds f32 values; `op` and `what` name the op and the argument.
 pub(crate) fn check_f32(t: &Tensor, op: &str, what: &str) -> Result<()> {
@@ -65,6 +66,53 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// A strided matrix operand for [`matmul`]: base pointer, row stride, column stride.
+pub(crate) type Mat = (*const f32, usize, usize);
+
+/// dst (m x n, row stride `dst_rs`, unit column stride) = [dst +] lhs (m x k) @ rhs (k x n),
+/// on all rayon threads.
+///
+/// # Safety
+/// Every pointer must be valid for the extents its strides describe.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+) {
+    let threads = rayon::current_num_threads();
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.0,
+        lhs.2 as isize,
+        lhs.1 as isize,
+        rhs.0,
+        rhs.2 as isize,
+        rhs.1 as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        if threads > 1 {
+            Parallelism::Rayon(threads)
+        } else {
+            Parallelism::None
+        },
+    );
+}
 
 /// Lanes used by the manual reductions (a multiple of every SIMD width we target).
 pub(crate) const LANES: usize = 8;

@@ -8,10 +8,12 @@
 
 use std::mem::MaybeUninit;
 
-use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
 use rayon::prelude::*;
 
-use crate::cpu_f32::{cpu_slice, dot, exp, multiversion, with_f32};
+use crate::cpu_f32::{cpu_slice, dot, exp, matmul, multiversion, with_f32};
 
 /// Target elements per rayon task (whole rows).
 const TASK_ELEMS: usize = 1 << 15;
@@ -42,28 +44,33 @@ fn composed_softmax(x: &Tensor) -> Result<Tensor> {
 struct Softmax;
 
 multiversion! {
-    fn softmax_rows(x: &[f32], y: &mut [MaybeUninit<f32>], n: usize) {
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+    /// Softmax of each row of length `n`, in place.
+    fn softmax_rows(y: &mut [f32], n: usize) {
+        for yr in y.chunks_exact_mut(n) {
             let mut m = f32::NEG_INFINITY;
-            for &v in xr {
+            for &v in yr.iter() {
                 m = if v > m { v } else { m };
             }
             let mut sum = 0.0f32;
-            for (o, &v) in yr.iter_mut().zip(xr) {
+            for v in yr.iter_mut() {
                 // Below e^-87 the clamped exp would leave ~1e-38: flush to 0, so -inf masks hold.
-                let d = v - m;
-                let e = if d < -87.0 { 0.0 } else { exp(d) };
-                sum += e;
-                o.write(e);
+                let d = *v - m;
+                *v = if d < -87.0 { 0.0 } else { exp(d) };
+                sum += *v;
             }
             let inv = 1.0 / sum;
-            for o in yr.iter_mut() {
-                // SAFETY: every element of the row was written just above.
-                let v = unsafe { o.assume_init() };
-                o.write(v * inv);
+            for v in yr.iter_mut() {
+                *v *= inv;
             }
         }
     }
+}
+
+/// Softmax of the rows (length `n`) of `y` in place, in parallel over groups of rows.
+fn softmax_in_place(y: &mut [f32], n: usize) {
+    let rows_per_task = (TASK_ELEMS / n).max(1);
+    y.par_chunks_mut(rows_per_task * n)
+        .for_each(|c| softmax_rows(c, n));
 }
 
 multiversion! {
@@ -97,25 +104,183 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_slice(s, l, self.name())?;
-        let n = *l.dims().last().expect("rank checked");
-        let y = par_rows(x.len(), n, |r0, c| {
-            softmax_rows(&x[r0 * n..r0 * n + c.len()], c, n);
-        });
+        let mut y = cpu_slice(s, l, self.name())?.to_vec();
+        softmax_in_place(&mut y, *l.dims().last().expect("rank checked"));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let op = self.name();
-        let n = res.dim(D::Minus1)?;
         let dx = with_f32(res, op, |y| {
-            with_f32(grad, op, |dy| {
-                Ok(par_rows(y.len(), n, |r0, c| {
-                    let r = r0 * n..r0 * n + c.len();
-                    softmax_bwd_rows(&y[r.clone()], &dy[r], c, n);
-                }))
-            })
+            with_f32(grad, op, |dy| Ok(softmax_grad(y, dy, res.dim(D::Minus1)?)))
         })?;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    }
+}
+
+/// The softmax input gradient `y * (dy - rowsum(dy * y))` of rows of length `n`.
+fn softmax_grad(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
+    par_rows(y.len(), n, |r0, c| {
+        let r = r0 * n..r0 * n + c.len();
+        softmax_bwd_rows(&y[r.clone()], &dy[r], c, n);
+    })
+}
+
+/// `softmax(x · weightᵀ + bias)` over the last dimension as one op: `x` (.., d),
+/// `weight` (C, d), `bias` (C) -> (.., C); gradients flow to all three.
+///
+/// The softmax gradient needs only the probabilities, so this op keeps its inputs
+/// and output and never the logits: for self-conditioning's head (C = 4,096 classes
+/// at every intermediate layer) candle's graph would otherwise hold each layer's
+/// logits until the backward ends, where PyTorch frees them at once. f32 on the CPU
+/// runs the fused kernel; other dtypes and devices use the composition.
+pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let op = "linear_softmax";
+    if x.rank() == 0 {
+        bail!("{op}: expected at least one dimension");
+    }
+    let d = x.dim(D::Minus1)?;
+    let (c, wd) = weight.dims2()?;
+    if wd != d || bias.dims() != [c] {
+        bail!(
+            "{op}: x {:?} needs weight (C, {d}) and bias (C), got {:?} and {:?}",
+            x.dims(),
+            weight.dims(),
+            bias.dims()
+        );
+    }
+    let fused = [x, weight, bias]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+    if !fused || d == 0 || c == 0 {
+        let rows = x.elem_count() / d.max(1);
+        let logits = x
+            .reshape((rows, d))?
+            .matmul(&weight.t()?)?
+            .broadcast_add(bias)?;
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().expect("rank checked") = c;
+        return softmax_last_dim(&logits.reshape(dims)?);
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearSoftmax)
+}
+
+struct LinearSoftmax;
+
+impl CustomOp3 for LinearSoftmax {
+    fn name(&self) -> &'static str {
+        "lcasr-linear-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let op = self.name();
+        let (x, w, b) = (
+            cpu_slice(s1, l1, op)?,
+            cpu_slice(s2, l2, op)?,
+            cpu_slice(s3, l3, op)?,
+        );
+        let (c, d) = (b.len(), *l1.dims().last().expect("rank checked"));
+        let rows = x.len() / d;
+        let mut y = vec![0.0f32; rows * c];
+        y.par_chunks_mut(c).for_each(|r| r.copy_from_slice(b));
+        // SAFETY: y is (rows, C); x is (rows, d); w is (C, d), read transposed.
+        unsafe {
+            matmul(
+                rows,
+                c,
+                d,
+                y.as_mut_ptr(),
+                c,
+                true,
+                (x.as_ptr(), d, 1),
+                (w.as_ptr(), 1, d),
+            )
+        };
+        softmax_in_place(&mut y, c);
+        let mut dims = l1.dims().to_vec();
+        *dims.last_mut().expect("rank checked") = c;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let op = self.name();
+        let (c, d) = weight.dims2()?;
+        let rows = x.elem_count() / d;
+        let dl = with_f32(res, op, |y| {
+            with_f32(grad, op, |dy| Ok(softmax_grad(y, dy, c)))
+        })?;
+        let (dx, dw) = with_f32(x, op, |x| {
+            with_f32(weight, op, |w| {
+                let mut dx = vec![0.0f32; rows * d];
+                let mut dw = vec![0.0f32; c * d];
+                // SAFETY: dl is (rows, C), w is (C, d), x is (rows, d); dx is (rows, d)
+                // and dw is (C, d), with dl read transposed for dw.
+                unsafe {
+                    matmul(
+                        rows,
+                        d,
+                        c,
+                        dx.as_mut_ptr(),
+                        d,
+                        false,
+                        (dl.as_ptr(), c, 1),
+                        (w.as_ptr(), d, 1),
+                    );
+                    matmul(
+                        c,
+                        d,
+                        rows,
+                        dw.as_mut_ptr(),
+                        d,
+                        false,
+                        (dl.as_ptr(), 1, c),
+                        (x.as_ptr(), d, 1),
+                    );
+                }
+                Ok((dx, dw))
+            })
+        })?;
+        let db = dl
+            .par_chunks(c * 64)
+            .map(|block| {
+                let mut acc = vec![0.0f32; c];
+                for row in block.chunks_exact(c) {
+                    for (a, v) in acc.iter_mut().zip(row) {
+                        *a += v;
+                    }
+                }
+                acc
+            })
+            .reduce(
+                || vec![0.0f32; c],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(&b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, (c, d), dev)?),
+            Some(Tensor::from_vec(db, c, dev)?),
+        ))
     }
 }

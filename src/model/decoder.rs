@@ -48,10 +48,20 @@ impl Decoder {
 
     /// One self-conditioning step: x + reprojection(softmax(logits(x))),
     /// gated per frame when `gated_sc`. Returns the new stream and the logits.
-    pub fn self_condition(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+    pub fn self_condition(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        keep_logits: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let normed = self.norm(x, ctx)?;
-        let logits = self.ff.forward(&normed, ctx)?;
-        let probs = softmax_last_dim(&logits)?;
+        // Without the logits, the fused head keeps only the probabilities for the backward.
+        let (probs, logits) = if keep_logits {
+            let logits = self.ff.forward(&normed, ctx)?;
+            (softmax_last_dim(&logits)?, Some(logits))
+        } else {
+            (self.ff.softmax(&normed, ctx)?, None)
+        };
         let mut update = self.reprojection.forward(&probs, ctx)?;
         if let Some(gate) = &self.gate {
             let g = candle_nn::ops::sigmoid(&gate.forward(&normed, ctx)?)?;

@@ -27,6 +27,11 @@ pub struct ForwardOptions {
     pub dropout_seed: u64,
     /// Keep every block's output (for inspection and tests).
     pub keep_layer_outputs: bool,
+    /// Keep the self-conditioning logits in [`EncoderOutput::interim_logits`].
+    /// Off, the self-conditioning head runs as one fused op that keeps no logits
+    /// for the backward (about a layer's worth of 4,096-class logits per block
+    /// less peak memory in training).
+    pub keep_interim_logits: bool,
     /// The conv norm's batch statistics (BatchRenorm, BatchNorm, GroupNorm)
     /// include padded frames, as the reference computed them (needed to
     /// reproduce its training numerics exactly).
@@ -39,7 +44,8 @@ pub struct EncoderOutput {
     pub logits: Tensor,
     /// Valid encoder frames per item.
     pub lengths: Vec<usize>,
-    /// The self-conditioning logits after each block but the last.
+    /// The self-conditioning logits after each block but the last, when
+    /// [`ForwardOptions::keep_interim_logits`] asked for them (else empty).
     pub interim_logits: Vec<Tensor>,
     /// Block outputs (before self-conditioning), when asked for.
     pub layer_outputs: Vec<Tensor>,
@@ -237,7 +243,7 @@ impl Encoder {
                 layer_outputs.push(h.x.clone());
             }
             if self.cfg.self_conditioning && i < last {
-                h = self.self_condition(&h)?;
+                h = self.self_condition_keeping(&h, opts.keep_interim_logits)?;
                 interim_logits.extend(h.interim_logits.clone());
             }
         }
@@ -295,7 +301,7 @@ impl Encoder {
             x = x.broadcast_add(&fourier_features(&ctx.w(w), n, self.cfg.d_model as usize)?)?;
         }
         if self.cfg.self_condition_subsampling {
-            x = self.decoder.self_condition(&x, &ctx)?.0;
+            x = self.decoder.self_condition(&x, &ctx, false)?.0;
         }
         Ok(Hidden {
             x,
@@ -327,9 +333,15 @@ impl Encoder {
     /// added) applied to `h`; the interim logits are in the result's
     /// `interim_logits`.
     pub fn self_condition(&self, h: &Hidden) -> Result<Hidden> {
-        let (x, logits) = self.decoder.self_condition(&h.x, &h.ctx)?;
+        self.self_condition_keeping(h, true)
+    }
+
+    /// [`Encoder::self_condition`], keeping the interim logits only when asked
+    /// (without them the graph holds no logits, see `Decoder::self_condition`).
+    fn self_condition_keeping(&self, h: &Hidden, keep_logits: bool) -> Result<Hidden> {
+        let (x, logits) = self.decoder.self_condition(&h.x, &h.ctx, keep_logits)?;
         let mut out = h.with_x(x);
-        out.interim_logits = Some(logits);
+        out.interim_logits = logits;
         Ok(out)
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Result, Tensor, Var};
 use lcasr_kernels::norm::{layer_norm, rms_norm};
+use lcasr_kernels::softmax::{linear_softmax, softmax_last_dim};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -163,6 +164,18 @@ impl Linear {
             bias,
             out_dim,
             in_dim,
+        }
+    }
+
+    /// `softmax(forward(x))` over the last dimension; with a bias, as one fused
+    /// op that keeps no logits for the backward (`linear_softmax`).
+    pub fn softmax(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        match &self.bias {
+            Some(b) => {
+                let w = ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))?;
+                linear_softmax(x, &w, &ctx.w(b))
+            }
+            None => softmax_last_dim(&self.forward(x, ctx)?),
         }
     }
 

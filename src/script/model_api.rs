@@ -74,7 +74,7 @@ impl Model {
     /// The forward options of the current mode; training mode draws the
     /// dropout seed from the run's `dropout` stream (mixed with the rank in a
     /// data-parallel run, rank 0 using the draw itself).
-    fn options(&self, keep_layers: bool) -> ScriptResult<ForwardOptions> {
+    fn options(&self, keep: Keep) -> ScriptResult<ForwardOptions> {
         let train = self.is_training();
         let dropout_seed = if train {
             session::with(|s| {
@@ -92,20 +92,16 @@ impl Model {
         Ok(ForwardOptions {
             train,
             dropout_seed,
-            keep_layer_outputs: keep_layers,
+            keep_layer_outputs: keep.layers,
+            keep_interim_logits: keep.interim,
             compat_renorm_padding: false,
         })
     }
 
     /// Runs the model in its current mode; training mode draws the dropout
     /// seed from the run's `dropout` stream.
-    pub fn run(
-        &self,
-        features: &CTensor,
-        lengths: &[usize],
-        keep_layers: bool,
-    ) -> ScriptResult<Output> {
-        let opts = self.options(keep_layers)?;
+    pub fn run(&self, features: &CTensor, lengths: &[usize], keep: Keep) -> ScriptResult<Output> {
+        let opts = self.options(keep)?;
         let out = self
             .0
             .encoder
@@ -120,6 +116,15 @@ impl Model {
     }
 }
 
+/// Which intermediate results a forward pass keeps (`forward`'s options).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Keep {
+    /// Every block's output (`layer_outputs`).
+    pub layers: bool,
+    /// The self-conditioning logits (`interim_logits`).
+    pub interim: bool,
+}
+
 /// What a forward pass returns.
 #[derive(Clone)]
 pub struct Output {
@@ -127,7 +132,7 @@ pub struct Output {
     pub logits: CTensor,
     /// Valid output frames per item.
     pub lengths: Vec<usize>,
-    /// Self-conditioning logits after each block but the last.
+    /// Self-conditioning logits after each block but the last, when kept.
     pub interim: Vec<CTensor>,
     /// Block outputs, when asked for.
     pub layers: Vec<CTensor>,
@@ -228,11 +233,13 @@ pub mod model_module {
         features: Tensor,
         lengths: Array,
     ) -> Result<Output, Box<EvalAltResult>> {
-        model.run(&features.0, &lengths_from(&lengths)?, false)
+        model.run(&features.0, &lengths_from(&lengths)?, Keep::default())
     }
 
     /// `forward` with options: `#{ layer_outputs: true }` keeps every block's
-    /// output in `out.layers` (for intermediate losses).
+    /// output in `out.layers` (for intermediate losses); `#{ interim_logits: true }`
+    /// keeps the self-conditioning logits in `out.interim` (without it the fused
+    /// self-conditioning head keeps no logits, which saves memory in training).
     #[rhai_fn(name = "forward", pure, return_raw)]
     pub fn forward_with(
         model: &mut Model,
@@ -240,20 +247,20 @@ pub mod model_module {
         lengths: Array,
         opts: Map,
     ) -> Result<Output, Box<EvalAltResult>> {
-        let mut keep = false;
+        let mut keep = Keep::default();
         for (k, v) in opts {
-            match k.as_str() {
-                "layer_outputs" => {
-                    keep = v.as_bool().map_err(|_| {
-                        script_error("forward(): option `layer_outputs` must be true or false")
-                    })?
-                }
+            let slot = match k.as_str() {
+                "layer_outputs" => &mut keep.layers,
+                "interim_logits" => &mut keep.interim,
                 other => {
                     return Err(script_error(format!(
-                        "forward(): unknown option `{other}` (known: layer_outputs)"
+                        "forward(): unknown option `{other}` (known: layer_outputs, interim_logits)"
                     )))
                 }
-            }
+            };
+            *slot = v.as_bool().map_err(|_| {
+                script_error(format!("forward(): option `{k}` must be true or false"))
+            })?;
         }
         model.run(&features.0, &lengths_from(&lengths)?, keep)
     }
@@ -267,7 +274,7 @@ pub mod model_module {
         features: Tensor,
         lengths: Array,
     ) -> Result<Hidden, Box<EvalAltResult>> {
-        let opts = model.options(false)?;
+        let opts = model.options(Keep::default())?;
         model
             .encoder()
             .subsample(&features.0, Some(&lengths_from(&lengths)?), &opts)
@@ -477,8 +484,8 @@ pub mod model_module {
         int_array(&out.lengths)
     }
 
-    /// Self-conditioning logits after each block but the last (empty without
-    /// self-conditioning).
+    /// Self-conditioning logits after each block but the last, when `forward`
+    /// was asked for them with `#{ interim_logits: true }` (else empty).
     #[rhai_fn(get = "interim", pure)]
     pub fn interim(out: &mut Output) -> Array {
         tensors(&out.interim)
