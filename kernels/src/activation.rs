@@ -10,9 +10,8 @@
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use crate::cpu_f32::{cpu_slice, multiversion, sigmoid, with_f32};
+use crate::cpu_f32::{cpu_slice, multiversion, par_uninit, sigmoid, with_f32};
 
 /// Elements handled by one rayon task.
 const CHUNK: usize = 1 << 14;
@@ -53,6 +52,19 @@ enum Activation {
     GeluTanh,
 }
 
+/// SiLU of one value.
+#[inline(always)]
+fn silu_of(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+/// The gradient before a SiLU at input `x`, given the gradient `g` after it.
+#[inline(always)]
+fn silu_grad(x: f32, g: f32) -> f32 {
+    let s = sigmoid(x);
+    g * s * (1.0 + x * (1.0 - s))
+}
+
 /// tanh(u) as 2 sigmoid(2u) - 1: branch-free, so the loops vectorise.
 #[inline(always)]
 fn tanh(u: f32) -> f32 {
@@ -62,7 +74,7 @@ fn tanh(u: f32) -> f32 {
 multiversion! {
     fn silu_fwd(x: &[f32], y: &mut [MaybeUninit<f32>]) {
         for (yv, &xv) in y.iter_mut().zip(x) {
-            yv.write(xv * sigmoid(xv));
+            yv.write(silu_of(xv));
         }
     }
 }
@@ -70,8 +82,7 @@ multiversion! {
 multiversion! {
     fn silu_bwd(x: &[f32], dy: &[f32], dx: &mut [MaybeUninit<f32>]) {
         for ((d, &xv), &g) in dx.iter_mut().zip(x).zip(dy) {
-            let s = sigmoid(xv);
-            d.write(g * s * (1.0 + xv * (1.0 - s)));
+            d.write(silu_grad(xv, g));
         }
     }
 }
@@ -100,7 +111,7 @@ multiversion! {
     /// `y = silu(y)` in place.
     pub(crate) fn silu_in_place(y: &mut [f32]) {
         for v in y.iter_mut() {
-            *v *= sigmoid(*v);
+            *v = silu_of(*v);
         }
     }
 }
@@ -109,23 +120,9 @@ multiversion! {
     /// `pre = dy * silu'(pre)` in place: the gradient before a SiLU from its input and output gradient.
     pub(crate) fn silu_grad_in_place(pre: &mut [f32], dy: &[f32]) {
         for (p, &g) in pre.iter_mut().zip(dy) {
-            let s = sigmoid(*p);
-            *p = g * s * (1.0 + *p * (1.0 - s));
+            *p = silu_grad(*p, g);
         }
     }
-}
-
-/// A vector of `n` values, each chunk of [`CHUNK`] written by `f(chunk index, chunk)`
-/// in parallel; never zero-filled first.
-fn par_fill(n: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    out.spare_capacity_mut()[..n]
-        .par_chunks_mut(CHUNK)
-        .enumerate()
-        .for_each(|(i, c)| f(i, c));
-    // SAFETY: the chunks cover `0..n` and every kernel writes each element of its chunk.
-    unsafe { out.set_len(n) };
-    out
 }
 
 impl CustomOp1 for Activation {
@@ -142,8 +139,8 @@ impl CustomOp1 for Activation {
             Activation::Silu => silu_fwd,
             Activation::GeluTanh => gelu_fwd,
         };
-        let y = par_fill(x.len(), |i, c| {
-            kernel(&x[i * CHUNK..i * CHUNK + c.len()], c);
+        let y = par_uninit(x.len(), CHUNK, |start, c| {
+            kernel(&x[start..start + c.len()], c);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -156,8 +153,8 @@ impl CustomOp1 for Activation {
         };
         let dx = with_f32(x, op, |x| {
             with_f32(grad, op, |dy| {
-                Ok(par_fill(x.len(), |i, c| {
-                    let r = i * CHUNK..i * CHUNK + c.len();
+                Ok(par_uninit(x.len(), CHUNK, |start, c| {
+                    let r = start..start + c.len();
                     kernel(&x[r.clone()], &dy[r], c);
                 }))
             })

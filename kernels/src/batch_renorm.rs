@@ -14,7 +14,7 @@ use std::rc::Rc;
 use candle_core::{bail, CpuStorage, CustomOp3, Error, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_f32::{check_f32, cpu_slice, multiversion, sigmoid, to_vec_f32, with_f32};
+use crate::cpu_f32::{check_f32, cpu_slices3, multiversion, sigmoid, to_vec_f32, with_f32};
 
 /// Time steps handled by one rayon task.
 const ROWS_PER_TASK: usize = 64;
@@ -401,11 +401,7 @@ impl CustomOp3 for Renorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, w, bias) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, w, bias) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let c = w.len();
         let (a, b) = self.affine_coefs(w, bias);
         let mut y = vec![0.0f32; x.len()];

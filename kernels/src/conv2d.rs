@@ -10,7 +10,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::activation::{silu_grad_in_place, silu_in_place};
-use crate::cpu_f32::{check_f32, cpu_slice, dot, matmul, multiversion, sum, to_vec_f32, with_f32};
+use crate::cpu_f32::{
+    check_f32, cpu_slices3, dot, matmul, multiversion, sum, to_vec_f32, with_f32,
+};
 
 /// Upper bound on the elements of one im2col block.
 const COL_BLOCK: usize = 1 << 20;
@@ -231,11 +233,7 @@ impl CustomOp3 for Conv2d {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, w, bias) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, w, bias) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let d = Dims::new(l1.dims(), bias.len());
         let plane = d.ho * d.wo;
         let mut y = vec![0.0f32; d.b * d.cout * plane];
@@ -478,11 +476,7 @@ impl CustomOp3 for DepthwiseConv2d {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, k, bias) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, k, bias) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let (b, c, h, w) = l1.shape().dims4()?;
         let (ho, wo) = (out_len(h), out_len(w));
         let mut y = vec![0.0f32; b * c * ho * wo];

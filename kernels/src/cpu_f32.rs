@@ -1,8 +1,11 @@
 //! Shared plumbing for the fused f32 CPU kernels: dtype checks, raw slice access
 //! to candle storage, AVX2/FMA multiversioning and vectorisable math helpers.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
 
 /// Fails unless `t` holds f32 values; `op` and `what` name the op and the argument.
 pub(crate) fn check_f32(t: &Tensor, op: &str, what: &str) -> Result<()> {
@@ -19,6 +22,47 @@ pub(crate) fn cpu_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&
         Some((start, end)) => Ok(&data[start..end]),
         None => bail!("{op}: expected a contiguous input"),
     }
+}
+
+/// The contiguous f32 values of the three inputs of a `CustomOp3`'s `cpu_fwd`.
+pub(crate) fn cpu_slices3<'a>(
+    op: &str,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+    (s3, l3): (&'a CpuStorage, &Layout),
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    Ok((
+        cpu_slice(s1, l1, op)?,
+        cpu_slice(s2, l2, op)?,
+        cpu_slice(s3, l3, op)?,
+    ))
+}
+
+/// A vector of `len` values written in parallel, chunk by chunk of `chunk` values,
+/// by `f(offset of the chunk, chunk)`; never zero-filled first. `f` must write every
+/// element of its chunk.
+pub(crate) fn par_uninit(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let chunk = chunk.max(1);
+    let mut out = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, c)| f(i * chunk, c));
+    // SAFETY: the chunks cover `0..len` and `f` writes every element of its chunk.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// Sums per-task partial vectors (each `len` long) into one, in task order.
+pub(crate) fn add_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
+    parts.into_iter().fold(vec![0.0; len], |mut acc, p| {
+        acc.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+        acc
+    })
 }
 
 /// Runs `f` on the f32 values of `t` (made contiguous first; CPU only).

@@ -4,7 +4,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_f32::{check_f32, cpu_slice, multiversion, with_f32};
+use crate::cpu_f32::{check_f32, cpu_slices3, multiversion, with_f32};
 
 /// Time steps handled by one rayon task.
 /// Most tasks the weight gradient is split into (each holds a partial sum).
@@ -132,11 +132,7 @@ impl CustomOp3 for DepthwiseConv1d {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, w, bias) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, w, bias) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let (_b, t_len, c) = l1.shape().dims3()?;
         let wt = taps_by_row(w, c);
         let mut y = vec![0.0f32; x.len()];

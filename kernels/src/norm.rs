@@ -4,7 +4,9 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_f32::{check_f32, cpu_slice, dot, multiversion, sum, to_vec_f32, with_f32};
+use crate::cpu_f32::{
+    add_partials, check_f32, cpu_slice, cpu_slices3, dot, multiversion, sum, to_vec_f32, with_f32,
+};
 
 /// Rows handled by one rayon task (enough work to amortise scheduling).
 const ROWS_PER_TASK: usize = 64;
@@ -160,14 +162,6 @@ multiversion! {
     }
 }
 
-/// Sums per-task partial vectors (each `len` long) into one.
-fn add_partials(parts: Vec<Vec<f32>>, len: usize) -> Vec<f32> {
-    parts.into_iter().fold(vec![0.0; len], |mut acc, p| {
-        acc.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
-        acc
-    })
-}
-
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "lcasr-layer-norm"
@@ -183,11 +177,7 @@ impl CustomOp3 for LayerNorm {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, w, b) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, w, b) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let d = w.len();
         let mut y = vec![0.0f32; x.len()];
         y.par_chunks_mut(d * ROWS_PER_TASK)

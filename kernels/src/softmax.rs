@@ -13,7 +13,9 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use crate::cpu_f32::{cpu_slice, dot, exp, matmul, multiversion, with_f32};
+use crate::cpu_f32::{
+    add_partials, cpu_slice, cpu_slices3, dot, exp, matmul, multiversion, par_uninit, with_f32,
+};
 
 /// Target elements per rayon task (whole rows).
 const TASK_ELEMS: usize = 1 << 15;
@@ -66,10 +68,14 @@ multiversion! {
     }
 }
 
+/// Elements per rayon task: whole rows of length `n`, about [`TASK_ELEMS`].
+fn task_elems(n: usize) -> usize {
+    (TASK_ELEMS / n).max(1) * n
+}
+
 /// Softmax of the rows (length `n`) of `y` in place, in parallel over groups of rows.
 fn softmax_in_place(y: &mut [f32], n: usize) {
-    let rows_per_task = (TASK_ELEMS / n).max(1);
-    y.par_chunks_mut(rows_per_task * n)
+    y.par_chunks_mut(task_elems(n))
         .for_each(|c| softmax_rows(c, n));
 }
 
@@ -82,20 +88,6 @@ multiversion! {
             }
         }
     }
-}
-
-/// A vector of `len` values written in parallel by `f(first row, rows)` over
-/// groups of whole rows of length `n`; never zero-filled first.
-fn par_rows(len: usize, n: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
-    let rows_per_task = (TASK_ELEMS / n.max(1)).max(1);
-    let mut out = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut(rows_per_task * n.max(1))
-        .enumerate()
-        .for_each(|(i, c)| f(i * rows_per_task, c));
-    // SAFETY: the chunks cover `0..len` and the kernels write every element of theirs.
-    unsafe { out.set_len(len) };
-    out
 }
 
 impl CustomOp1 for Softmax {
@@ -120,8 +112,8 @@ impl CustomOp1 for Softmax {
 
 /// The softmax input gradient `y * (dy - rowsum(dy * y))` of rows of length `n`.
 fn softmax_grad(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
-    par_rows(y.len(), n, |r0, c| {
-        let r = r0 * n..r0 * n + c.len();
+    par_uninit(y.len(), task_elems(n), |start, c| {
+        let r = start..start + c.len();
         softmax_bwd_rows(&y[r.clone()], &dy[r], c, n);
     })
 }
@@ -183,11 +175,7 @@ impl CustomOp3 for LinearSoftmax {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let op = self.name();
-        let (x, w, b) = (
-            cpu_slice(s1, l1, op)?,
-            cpu_slice(s2, l2, op)?,
-            cpu_slice(s3, l3, op)?,
-        );
+        let (x, w, b) = cpu_slices3(op, (s1, l1), (s2, l2), (s3, l3))?;
         let (c, d) = (b.len(), *l1.dims().last().expect("rank checked"));
         let rows = x.len() / d;
         let mut y = vec![0.0f32; rows * c];
@@ -256,26 +244,17 @@ impl CustomOp3 for LinearSoftmax {
                 Ok((dx, dw))
             })
         })?;
-        let db = dl
-            .par_chunks(c * 64)
+        let partial_db: Vec<Vec<f32>> = dl
+            .par_chunks(task_elems(c))
             .map(|block| {
                 let mut acc = vec![0.0f32; c];
                 for row in block.chunks_exact(c) {
-                    for (a, v) in acc.iter_mut().zip(row) {
-                        *a += v;
-                    }
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
                 }
                 acc
             })
-            .reduce(
-                || vec![0.0f32; c],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(&b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+            .collect();
+        let db = add_partials(partial_db, c);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

@@ -167,14 +167,16 @@ impl Linear {
         }
     }
 
+    /// The weight as an (out, in) matrix, whatever shape it is stored in.
+    fn matrix(&self, ctx: &Ctx) -> Result<Tensor> {
+        ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))
+    }
+
     /// `softmax(forward(x))` over the last dimension; with a bias, as one fused
     /// op that keeps no logits for the backward (`linear_softmax`).
     pub fn softmax(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match &self.bias {
-            Some(b) => {
-                let w = ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))?;
-                linear_softmax(x, &w, &ctx.w(b))
-            }
+            Some(b) => linear_softmax(x, &self.matrix(ctx)?, &ctx.w(b)),
             None => softmax_last_dim(&self.forward(x, ctx)?),
         }
     }
@@ -183,8 +185,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let w = ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))?;
-        let mut y = x.reshape((rows, self.in_dim))?.matmul(&w.t()?)?;
+        let mut y = x
+            .reshape((rows, self.in_dim))?
+            .matmul(&self.matrix(ctx)?.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&ctx.w(b))?;
         }
