@@ -4,7 +4,7 @@
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu_f32::{check_f32, cpu_slices3, multiversion, with_f32};
+use crate::cpu_f32::{add_partials, check_f32, cpu_slices3, multiversion, with_f32};
 
 /// Time steps handled by one rayon task.
 /// Most tasks the weight gradient is split into (each holds a partial sum).
@@ -166,7 +166,7 @@ impl CustomOp3 for DepthwiseConv1d {
                     .div_ceil(ROWS_PER_TASK)
                     .max(1)
                     * ROWS_PER_TASK;
-                let (dwt, db) = dx
+                let (dwts, dbs): (Vec<_>, Vec<_>) = dx
                     .par_chunks_mut(c * per_task)
                     .enumerate()
                     .map(|(i, dxc)| {
@@ -174,17 +174,8 @@ impl CustomOp3 for DepthwiseConv1d {
                         bwd_rows(x, dy, dxc, &wt, &mut dwt, &mut db, i * per_task, t_len);
                         (dwt, db)
                     })
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .fold(
-                        (vec![0.0f32; k * c], vec![0.0f32; c]),
-                        |(mut a, mut b), (a2, b2)| {
-                            a.iter_mut().zip(&a2).for_each(|(u, v)| *u += v);
-                            b.iter_mut().zip(&b2).for_each(|(u, v)| *u += v);
-                            (a, b)
-                        },
-                    );
-                Ok((dx, dwt, db))
+                    .unzip();
+                Ok((dx, add_partials(dwts, k * c), add_partials(dbs, c)))
             })
         })?;
         let dw = taps_by_row(&dwt, k);
