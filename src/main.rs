@@ -45,6 +45,8 @@ enum Command {
     ApiDocs,
     /// Re-run a finished run from its recorded script and config, checking hashes.
     Reproduce(ReproduceArgs),
+    /// Predict the peak memory of training a config, per sequence-scheduler stage.
+    Memory(MemoryArgs),
 }
 
 #[derive(Args)]
@@ -263,6 +265,32 @@ struct ReproduceArgs {
     force: bool,
 }
 
+#[derive(Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Bytes per activation: f32 (CPU training), or bf16 / fp16 for GPU
+    /// training under autocast (`training.dtype`).
+    #[arg(long, value_enum, default_value_t = ActivationPrecision::F32)]
+    precision: ActivationPrecision,
+    /// Output classes of the CTC head (pieces + blank); by default read from
+    /// the config's `data.tokenizer`, else the reference's 4096.
+    #[arg(long)]
+    classes: Option<usize>,
+    /// Memory available in GiB (e.g. 80 for an 80 GB GPU): each stage then
+    /// says whether it fits.
+    #[arg(long)]
+    budget_gib: Option<f64>,
+}
+
+/// Activation element types `lcasr memory` plans for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ActivationPrecision {
+    F32,
+    Bf16,
+    Fp16,
+}
+
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config and print it resolved (defaults filled, overrides applied).
@@ -328,6 +356,67 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Reproduce(args) => reproduce(&args),
+        Command::Memory(args) => memory(&args),
+    }
+}
+
+fn memory(args: &MemoryArgs) -> ExitCode {
+    use lcasr::train::memory_plan::{plan, render};
+
+    let opts = LoadOptions {
+        strict: args.config.strict,
+        overrides: args.config.overrides.clone(),
+    };
+    let cfg = match config::load_file(&args.config.config, &opts) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                eprintln!("warning: {w}");
+            }
+            loaded.config
+        }
+        Err(e) => return config_error(&e),
+    };
+    let classes = match (args.classes, &cfg.data.tokenizer) {
+        (Some(c), _) => c,
+        (None, Some(path)) => match lcasr::text::tokenizer::Tokenizer::from_file(path.as_ref()) {
+            Ok(tok) => tok.vocab_size() + 1,
+            Err(e) => {
+                eprintln!("error: data.tokenizer `{path}`: {e:#}\n  (or pass --classes N)");
+                return ExitCode::from(EXIT_BAD_INPUT);
+            }
+        },
+        (None, None) => 4096,
+    };
+    let bytes = match args.precision {
+        ActivationPrecision::F32 => 4,
+        ActivationPrecision::Bf16 | ActivationPrecision::Fp16 => 2,
+    };
+    let budget = match args.budget_gib {
+        Some(g) if !(g.is_finite() && g > 0.0) => {
+            eprintln!("error: --budget-gib must be a positive number of GiB, got {g}");
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+        Some(g) => Some((g * (1u64 << 30) as f64) as u64),
+        None => None,
+    };
+    match plan(&cfg, classes, bytes) {
+        Ok(plans) => {
+            println!(
+                "# {}: predicted peak memory of a training step ({} layers, d_model {}, {} classes, {}-byte activations, checkpoint_every_n_layers {})",
+                args.config.config.display(),
+                cfg.model.n_layers,
+                cfg.model.d_model,
+                classes,
+                bytes,
+                cfg.model.checkpoint_every_n_layers,
+            );
+            print!("{}", render(&cfg, &plans, budget));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -216,3 +216,46 @@ fn bundled_configs_are_valid_without_warnings() {
         );
     }
 }
+
+#[test]
+fn memory_prints_every_stage_and_whether_it_fits() {
+    // The reference schedule: 512 frames doubling up to 16,384 (6 stages).
+    let small = ["model.n_layers=2", "model.d_model=128", "model.n_heads=2"];
+    let config = reference();
+    let memory = |budget: &str| {
+        let mut args = vec![
+            "memory",
+            &config,
+            "--classes",
+            "129",
+            "--budget-gib",
+            budget,
+        ];
+        args.extend(small);
+        lcasr(&args)
+    };
+    let out = memory("1000");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.ends_with("yes")).collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    assert!(rows[0].split_whitespace().nth(1) == Some("512"), "{stdout}");
+    assert!(
+        rows[5].split_whitespace().nth(1) == Some("16384"),
+        "{stdout}"
+    );
+    // A tiny budget: no stage fits.
+    let out = memory("0.01");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.ends_with("NO")).count(),
+        6,
+        "{stdout}"
+    );
+    let out = lcasr(&["memory", &reference(), "--budget-gib=0"]);
+    assert_clean_error(&out, 2, "--budget-gib");
+}

@@ -53,6 +53,12 @@ fn train_rhai_equals_direct_library_calls() {
     let config = common::tiny_experiment(dir.path(), 1);
     let out = train(&config, &[]);
     assert!(out.status.success(), "{}", text(&out));
+    // The stage's peak memory, predicted and measured, is printed.
+    assert!(
+        text(&out).contains("training step predicted"),
+        "{}",
+        text(&out)
+    );
     let scripted = final_weights(&dir.path().join("run"));
     let direct = train_directly(&config);
     assert!(!direct.is_empty());

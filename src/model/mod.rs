@@ -10,6 +10,7 @@ mod conv_norm;
 mod decoder;
 mod encoder;
 mod layers;
+pub mod memory;
 mod subsampling;
 
 pub use checkpoint::{load_reference_pt, load_safetensors, ReferenceCheckpoint};

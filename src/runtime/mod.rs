@@ -1,7 +1,8 @@
-//! Process-level tuning for CPU training.
+//! Process-level tuning for CPU training, and the process's memory use.
 
 #[cfg(target_os = "linux")]
 mod large_blocks;
+pub mod peak;
 
 #[cfg(target_os = "linux")]
 pub use large_blocks::{set_cache_extra, LargeBlockAlloc, LARGE_BLOCK};

@@ -741,6 +741,25 @@ pub mod run_module {
         START.with(|s| s.elapsed().as_secs_f64())
     }
 
+    /// The process's peak resident memory in bytes since it started or since
+    /// the last `reset_peak_memory()` (Linux; `()` elsewhere). In a
+    /// data-parallel CPU run the ranks share one process and one peak.
+    pub fn peak_memory() -> Dynamic {
+        crate::runtime::peak::peak().map_or(Dynamic::UNIT, |b| Dynamic::from(b as i64))
+    }
+
+    /// Starts a new `peak_memory()` from the current resident memory; false
+    /// where the system does not allow it.
+    pub fn reset_peak_memory() -> bool {
+        crate::runtime::peak::reset_peak()
+    }
+
+    /// Bytes as text: `1.25 GiB`, or MiB below one GiB.
+    #[rhai_fn(name = "fmt_bytes")]
+    pub fn fmt_bytes(bytes: i64) -> String {
+        crate::model::memory::format_bytes(bytes.max(0) as u64)
+    }
+
     /// `x` with `decimals` digits after the point (e.g. for messages).
     pub fn fmt(x: f64, decimals: i64) -> String {
         format!("{x:.*}", decimals.clamp(0, 17) as usize)

@@ -17,6 +17,7 @@ use super::errors::{script_error, IntoScript, ScriptResult};
 use super::model_api::{lengths_from, Model, Output};
 use super::session;
 use super::tensor_api::{number, Tensor};
+use crate::model::memory::{training_peak, StepShape};
 use crate::parallel::grads::{all_reduce_gradients, broadcast_model, BUCKET_ELEMS};
 use crate::train::clip::{grad_total_norm, grads_are_finite};
 use crate::train::loss::{ctc, Reduction};
@@ -381,6 +382,49 @@ pub mod train_module {
     #[rhai_fn(get = "skipped", pure)]
     pub fn skipped(opt: &mut Optimizer) -> i64 {
         opt.lock().skipped as i64
+    }
+
+    /// The predicted peak memory, in bytes, of one training step of the
+    /// optimizer's model on chunks of `batch` recordings x `frames` input
+    /// frames (f32, as on CPU): a map with `total` and its parts
+    /// `parameters`, `gradients`, `optimizer`, `activations`, `backward`
+    /// (transient gradients and recomputed blocks) and `io` (features, CTC
+    /// head). Compare with `peak_memory()` after a step.
+    #[rhai_fn(pure, return_raw)]
+    pub fn predict_peak_memory(
+        opt: &mut Optimizer,
+        batch: i64,
+        frames: i64,
+    ) -> Result<Map, Box<EvalAltResult>> {
+        if batch < 1 || frames < 1 {
+            return Err(script_error(format!(
+                "predict_peak_memory(): batch ({batch}) and frames ({frames}) must be >= 1"
+            )));
+        }
+        let inner = opt.lock();
+        let enc = inner.model.encoder();
+        let step = StepShape {
+            batch: batch as usize,
+            frames: frames as usize,
+            classes: enc.classes(),
+            parameters: enc.num_parameters(),
+            optimizer_buffers: inner.opt.state_buffers(),
+            activation_bytes: 4,
+        };
+        let est = training_peak(enc.config(), &step);
+        let mut map = Map::new();
+        for (key, bytes) in [
+            ("total", est.total()),
+            ("parameters", est.parameters),
+            ("gradients", est.gradients),
+            ("optimizer", est.optimizer),
+            ("activations", est.activations),
+            ("backward", est.backward),
+            ("io", est.io),
+        ] {
+            map.insert(key.into(), Dynamic::from(bytes as i64));
+        }
+        Ok(map)
     }
 
     /// The global L2 norm of the accumulated gradients of the unfrozen

@@ -115,6 +115,10 @@ impl Optimizer for Adam {
         self.steps
     }
 
+    fn state_buffers(&self) -> usize {
+        BUFFERS.len()
+    }
+
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.state.to_tensors(BUFFERS)
     }

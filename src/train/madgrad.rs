@@ -114,6 +114,10 @@ impl Optimizer for Madgrad {
         self.k
     }
 
+    fn state_buffers(&self) -> usize {
+        self.buffer_names().len()
+    }
+
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.state.to_tensors(self.buffer_names())
     }

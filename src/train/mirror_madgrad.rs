@@ -108,6 +108,10 @@ impl Optimizer for MirrorMadgrad {
         self.k
     }
 
+    fn state_buffers(&self) -> usize {
+        BUFFERS.len()
+    }
+
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.state.to_tensors(BUFFERS)
     }

@@ -8,6 +8,7 @@ pub mod exact_f64;
 pub mod loss;
 pub mod lr_schedule;
 pub mod madgrad;
+pub mod memory_plan;
 pub mod mirror_madgrad;
 pub mod optimizer;
 pub mod rng;

@@ -91,6 +91,8 @@ pub trait Optimizer: Send {
     fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64) -> Result<()>;
     /// Number of completed [`Optimizer::step`] calls.
     fn steps(&self) -> u64;
+    /// f32 buffers kept per parameter element (for memory planning).
+    fn state_buffers(&self) -> usize;
     /// Per-parameter state, named `<param>.<buffer>`.
     fn state_tensors(&self) -> Vec<(String, Tensor)>;
     /// Counters and hyper-parameters, as JSON.
