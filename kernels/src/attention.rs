@@ -51,6 +51,9 @@ pub struct AttentionOptions<'a> {
 /// The gradient flows back to `qkv` in the same interleaved layout.
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     let op = AttentionOp::new(qkv, opts)?;
+    if !qkv.device().is_cpu() {
+        return crate::composed::attention(qkv, opts);
+    }
     qkv.contiguous()?.apply_op1(op)
 }
 

@@ -51,6 +51,11 @@ pub fn with_stats_reducer<R>(reducer: Rc<dyn StatsReducer>, f: impl FnOnce() -> 
 }
 
 /// The reducer installed on this thread.
+/// True while a [`StatsReducer`] is installed on this thread.
+pub(crate) fn stats_reducer_installed() -> bool {
+    REDUCER.with(|r| r.borrow().is_some())
+}
+
 fn installed_reducer() -> Option<Rc<dyn StatsReducer>> {
     REDUCER.with(|r| r.borrow().clone())
 }
@@ -134,6 +139,17 @@ pub fn batch_renorm_silu(
     if running_mean.len() != c || running_std.len() != c {
         bail!("{op}: running buffers must have {c} channels");
     }
+    if let RenormMode::Train {
+        lengths: Some(l), ..
+    } = mode
+    {
+        if l.len() != b || l.iter().any(|&v| v > t) {
+            bail!("{op}: lengths {l:?} must be {b} values <= T = {t}");
+        }
+    }
+    if !x.device().is_cpu() {
+        return crate::composed::batch_renorm_silu(x, weight, bias, mode);
+    }
     let x = x.contiguous()?;
     let (renorm, stats) = match mode {
         RenormMode::Eval { .. } => {
@@ -155,8 +171,7 @@ pub fn batch_renorm_silu(
         } => {
             let valid = match lengths {
                 None => vec![t; b],
-                Some(l) if l.len() == b && l.iter().all(|&v| v <= t) => l.to_vec(),
-                Some(l) => bail!("{op}: lengths {l:?} must be {b} values <= T = {t}"),
+                Some(l) => l.to_vec(),
             };
             let reducer = installed_reducer();
             let (mean, sigma, count) = with_f32(&x, op, |xs| {

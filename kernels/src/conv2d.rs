@@ -38,6 +38,9 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
             weight.dims()
         );
     }
+    if !x.device().is_cpu() {
+        return crate::composed::conv2d_k3s2(x, weight, bias);
+    }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &bias.contiguous()?,
@@ -54,6 +57,9 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
             "conv2d_k3s2_silu: weight must be (Cout, Cin={cin}, 3, 3), got {:?}",
             weight.dims()
         );
+    }
+    if !x.device().is_cpu() {
+        return crate::composed::conv2d_k3s2_silu(x, weight, bias);
     }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -73,6 +79,9 @@ pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
             "{op}: weight must be (C={c}, 1, 3, 3), got {:?}",
             weight.dims()
         );
+    }
+    if !x.device().is_cpu() {
+        return crate::composed::depthwise_conv2d_k3s2(x, weight, bias);
     }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseConv2d)

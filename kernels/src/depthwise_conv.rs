@@ -31,6 +31,9 @@ pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
     if bias.dims() != [c] {
         bail!("{op}: bias must be [{c}], got {:?}", bias.dims());
     }
+    if !x.device().is_cpu() {
+        return crate::composed::depthwise_conv1d(x, weight, bias);
+    }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseConv1d)
 }

@@ -20,6 +20,9 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
             x.dims()
         ),
     }
+    if !x.device().is_cpu() {
+        return crate::composed::glu(x);
+    }
     x.contiguous()?.apply_op1(Glu)
 }
 

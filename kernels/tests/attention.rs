@@ -1,8 +1,10 @@
-//! The fused attention op against a composition of differentiable candle ops,
+//! The fused attention op against its composition of differentiable candle ops
+//! (`composed::attention`),
 //! forward and gradient with respect to qkv; rotary tables against the spec's values.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
-use lcasr_kernels::attention::{attention, dropout_keep, AttentionOptions};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use lcasr_kernels::attention::{attention, AttentionOptions};
+use lcasr_kernels::composed;
 use lcasr_kernels::rotary::{inv_freq, rotary_tables};
 
 /// SplitMix64 stream of uniform values in [-1, 1).
@@ -39,85 +41,6 @@ struct Case {
     dropout: Option<(f32, u64)>,
 }
 
-/// Rotate-half rotary composed from narrow/neg/cat/mul; `z` is (B, H, N, Dh).
-fn rotate(z: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let dh = z.dim(D::Minus1)?;
-    let half = dh / 2;
-    let rot = Tensor::cat(
-        &[&z.narrow(3, half, half)?.neg()?, &z.narrow(3, 0, half)?],
-        3,
-    )?;
-    z.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
-}
-
-/// Plain differentiable attention; `keep` is the dropout scale mask (B, H, N, N).
-fn reference(
-    qkv: &Tensor,
-    c: &Case,
-    tables: Option<(&Tensor, &Tensor)>,
-    keep: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (b, n, h, dh) = (c.b, c.n, c.h, c.dh);
-    let x = qkv.reshape((b, n, h, dh, 3))?;
-    let part = |i: usize| -> Result<Tensor> {
-        x.narrow(4, i, 1)?.squeeze(4)?.transpose(1, 2)?.contiguous()
-    };
-    let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
-    if let Some((cos, sin)) = tables {
-        q = rotate(&q, cos, sin)?;
-        k = rotate(&k, cos, sin)?;
-    }
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
-    let lengths = c.lengths.clone().unwrap_or(vec![n; b]);
-    let mut mask = vec![0f32; b * n * n];
-    let mut row_keep = vec![0f32; b * n];
-    for bi in 0..b {
-        for i in 0..n {
-            row_keep[bi * n + i] = if i < lengths[bi] { 1.0 } else { 0.0 };
-            for j in 0..n {
-                // Padded query rows attend everywhere (as in the reference) and are zeroed below.
-                let hidden = i < lengths[bi]
-                    && (j >= lengths[bi]
-                        || c.left.is_some_and(|l| j + l < i)
-                        || c.right.is_some_and(|r| j > i + r));
-                if hidden {
-                    mask[(bi * n + i) * n + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    let mask = Tensor::from_vec(mask, (b, 1, n, n), &Device::Cpu)?;
-    let scores = scores.broadcast_add(&mask)?;
-    let max = scores.max_keepdim(D::Minus1)?.detach();
-    let e = scores.broadcast_sub(&max)?.exp()?;
-    let mut probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    if let Some(keep) = keep {
-        probs = (probs * keep)?;
-    }
-    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * dh))?;
-    let row_keep = Tensor::from_vec(row_keep, (b, n, 1), &Device::Cpu)?;
-    out.broadcast_mul(&row_keep)
-}
-
-/// Dropout scale mask (B, H, N, N) built from the op's own keep function.
-fn keep_mask(c: &Case) -> Result<Option<Tensor>> {
-    let Some((p, seed)) = c.dropout else {
-        return Ok(None);
-    };
-    let mut m = Vec::with_capacity(c.b * c.h * c.n * c.n);
-    for b in 0..c.b {
-        for h in 0..c.h {
-            for i in 0..c.n {
-                for j in 0..c.n {
-                    let keep = dropout_keep(p, seed, b, h, i, j);
-                    m.push(if keep { 1.0 / (1.0 - p) } else { 0.0 });
-                }
-            }
-        }
-    }
-    Tensor::from_vec(m, (c.b, c.h, c.n, c.n), &Device::Cpu).map(Some)
-}
-
 fn max_abs(t: &Tensor) -> Result<f32> {
     t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
 }
@@ -147,15 +70,7 @@ fn compare(c: &Case, seed: u64) -> Result<(f32, f32)> {
     let grad = (&out * &w)?.sum_all()?.backward()?;
     let g_op = grad.get(qkv.as_tensor()).expect("op gradient").clone();
 
-    let ct = Tensor::from_vec(cos[..c.n * c.dh].to_vec(), (c.n, c.dh), &Device::Cpu)?;
-    let st = Tensor::from_vec(sin[..c.n * c.dh].to_vec(), (c.n, c.dh), &Device::Cpu)?;
-    let keep = keep_mask(c)?;
-    let out_ref = reference(
-        qkv.as_tensor(),
-        c,
-        c.rotary.then_some((&ct, &st)),
-        keep.as_ref(),
-    )?;
+    let out_ref = composed::attention(qkv.as_tensor(), &opts)?;
     let grad = (&out_ref * &w)?.sum_all()?.backward()?;
     let g_ref = grad
         .get(qkv.as_tensor())

@@ -1,73 +1,12 @@
-//! BatchRenorm + SiLU custom op against a composition of differentiable candle ops
-//! (r and d detached), in training mode (with and without a lengths mask) and eval mode.
+//! BatchRenorm + SiLU custom op against its composition of differentiable candle ops
+//! (`composed::batch_renorm_silu`, r and d detached), in training mode (with and without a lengths mask) and eval mode.
 
 mod ops_support;
 
-use candle_core::{Device, Result, Tensor, Var};
-use lcasr_kernels::batch_renorm::{batch_renorm_silu, BatchStats, RenormMode};
+use candle_core::{Device, Tensor, Var};
+use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
+use lcasr_kernels::composed;
 use ops_support::{assert_close, check_op, Rng};
-
-fn silu(z: &Tensor) -> Result<Tensor> {
-    z * (z.neg()?.exp()? + 1.0)?.recip()?
-}
-
-fn row(v: &[f32]) -> Tensor {
-    Tensor::from_slice(v, (1, 1, v.len()), &Device::Cpu).unwrap()
-}
-
-/// Reference training-mode forward; also returns the batch statistics.
-#[allow(clippy::too_many_arguments)]
-fn composed_train(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    rm: &[f32],
-    rs: &[f32],
-    rmax: f32,
-    dmax: f32,
-    eps: f32,
-    lengths: Option<&[usize]>,
-) -> Result<(Tensor, BatchStats)> {
-    let (bsz, t, c) = x.dims3()?;
-    let mask: Vec<f32> = (0..bsz * t)
-        .map(|i| match lengths {
-            Some(l) if i % t >= l[i / t] => 0.0,
-            _ => 1.0,
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (bsz, t, 1), &Device::Cpu)?;
-    let n = mask.sum_all()?.to_scalar::<f32>()? as f64;
-    let mean = (x.broadcast_mul(&mask)?.sum_keepdim(0)?.sum_keepdim(1)? / n)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = (xc
-        .sqr()?
-        .broadcast_mul(&mask)?
-        .sum_keepdim(0)?
-        .sum_keepdim(1)?
-        / n)?;
-    let std = (var.sqrt()? + eps as f64)?;
-    let mean_v: Vec<f32> = mean.flatten_all()?.to_vec1()?;
-    let std_v: Vec<f32> = std.flatten_all()?.to_vec1()?;
-    let r: Vec<f32> = (0..c)
-        .map(|i| (std_v[i] / rs[i]).clamp(1.0 / rmax, rmax))
-        .collect();
-    let d: Vec<f32> = (0..c)
-        .map(|i| ((mean_v[i] - rm[i]) / rs[i]).clamp(-dmax, dmax))
-        .collect();
-    let z = xc
-        .broadcast_div(&std)?
-        .broadcast_mul(&row(&r))?
-        .broadcast_add(&row(&d))?
-        .broadcast_mul(w)?
-        .broadcast_add(b)?;
-    Ok((
-        silu(&z)?,
-        BatchStats {
-            mean: mean_v,
-            std: std_v,
-        },
-    ))
-}
 
 struct Case {
     x: Var,
@@ -108,8 +47,8 @@ fn check_train(
         lengths,
     };
     let (_, stats) = batch_renorm_silu(&k.x, &k.w, &k.b, mode).unwrap();
-    let (_, want) =
-        composed_train(&k.x, &k.w, &k.b, &k.rm, &k.rs, rmax, dmax, eps, lengths).unwrap();
+    let (_, want) = composed::batch_renorm_silu(&k.x, &k.w, &k.b, mode).unwrap();
+    let want = want.expect("training mode returns statistics");
     let stats = stats.expect("training mode returns statistics");
     let t1 = |v: &[f32]| Tensor::from_slice(v, v.len(), &Device::Cpu).unwrap();
     assert_close("batch mean", &t1(&stats.mean), &t1(&want.mean), 1e-5);
@@ -121,7 +60,7 @@ fn check_train(
         &mut rng,
         &[&k.x, &k.w, &k.b],
         || batch_renorm_silu(&k.x, &k.w, &k.b, mode).map(|(y, _)| y),
-        || composed_train(&k.x, &k.w, &k.b, &k.rm, &k.rs, rmax, dmax, eps, lengths).map(|(y, _)| y),
+        || composed::batch_renorm_silu(&k.x, &k.w, &k.b, mode).map(|(y, _)| y),
         1e-4,
     );
 }
@@ -152,14 +91,6 @@ fn eval_uses_running_statistics() {
         running_mean: &k.rm,
         running_std: &k.rs,
     };
-    let composed = || {
-        let z =
-            k.x.broadcast_sub(&row(&k.rm))?
-                .broadcast_div(&row(&k.rs))?
-                .broadcast_mul(&k.w)?
-                .broadcast_add(&k.b)?;
-        silu(&z)
-    };
     assert!(batch_renorm_silu(&k.x, &k.w, &k.b, mode)
         .unwrap()
         .1
@@ -169,7 +100,7 @@ fn eval_uses_running_statistics() {
         &mut rng,
         &[&k.x, &k.w, &k.b],
         || batch_renorm_silu(&k.x, &k.w, &k.b, mode).map(|(y, _)| y),
-        composed,
+        || composed::batch_renorm_silu(&k.x, &k.w, &k.b, mode).map(|(y, _)| y),
         1e-4,
     );
 }

@@ -6,67 +6,10 @@ mod ops_support;
 
 use std::path::PathBuf;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Device, Tensor};
+use lcasr_kernels::composed;
 use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
 use ops_support::{check_op, Rng};
-
-/// Input pixel (2i + k - 1) for every output i, as (B, C, Ho, Wo) taps of the padded input.
-fn tap(xp: &Tensor, kh: usize, kw: usize, ho: usize, wo: usize) -> Result<Tensor> {
-    let rows: Vec<u32> = (0..ho).map(|i| (2 * i + kh) as u32).collect();
-    let cols: Vec<u32> = (0..wo).map(|i| (2 * i + kw) as u32).collect();
-    let dev = xp.device();
-    xp.index_select(&Tensor::new(rows, dev)?, 2)?
-        .index_select(&Tensor::new(cols, dev)?, 3)
-}
-
-fn out_hw(x: &Tensor) -> (usize, usize) {
-    let (_, _, h, w) = x.dims4().unwrap();
-    ((h - 1) / 2 + 1, (w - 1) / 2 + 1)
-}
-
-/// groups = 1 reference: sum over taps of W[:, :, kh, kw] @ tap.
-fn composed_conv(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (bsz, cin, _, _) = x.dims4()?;
-    let cout = w.dim(0)?;
-    let (ho, wo) = out_hw(x);
-    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut y = b
-        .reshape((1, cout, 1))?
-        .broadcast_as((bsz, cout, ho * wo))?
-        .clone();
-    for kh in 0..3 {
-        for kw in 0..3 {
-            let t = tap(&xp, kh, kw, ho, wo)?.reshape((bsz, cin, ho * wo))?;
-            let wk = w
-                .narrow(2, kh, 1)?
-                .narrow(3, kw, 1)?
-                .reshape((1, cout, cin))?;
-            y = (y + wk.broadcast_as((bsz, cout, cin))?.matmul(&t)?)?;
-        }
-    }
-    y.reshape((bsz, cout, ho, wo))
-}
-
-/// groups = C reference: sum over taps of w[c, 0, kh, kw] * tap.
-fn composed_depthwise(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let c = x.dim(1)?;
-    let (ho, wo) = out_hw(x);
-    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut y = b
-        .reshape((1, c, 1, 1))?
-        .broadcast_as(tap(&xp, 0, 0, ho, wo)?.shape())?
-        .clone();
-    for kh in 0..3 {
-        for kw in 0..3 {
-            let wk = w
-                .narrow(2, kh, 1)?
-                .narrow(3, kw, 1)?
-                .reshape((1, c, 1, 1))?;
-            y = (y + tap(&xp, kh, kw, ho, wo)?.broadcast_mul(&wk)?)?;
-        }
-    }
-    Ok(y)
-}
 
 const SHAPES: &[(usize, usize, usize, usize)] = &[
     (2, 1, 9, 8),
@@ -90,7 +33,7 @@ fn conv2d_matches_composed_for_any_parity() {
                 &mut rng,
                 &[&x, &wt, &bias],
                 || conv2d_k3s2(&x, &wt, &bias),
-                || composed_conv(&x, &wt, &bias),
+                || composed::conv2d_k3s2(&x, &wt, &bias),
                 1e-4,
             );
         }
@@ -109,7 +52,7 @@ fn conv2d_blocks_cover_large_inputs() {
         &mut rng,
         &[&x, &wt, &bias],
         || conv2d_k3s2(&x, &wt, &bias),
-        || composed_conv(&x, &wt, &bias),
+        || composed::conv2d_k3s2(&x, &wt, &bias),
         1e-4,
     );
 }
@@ -129,7 +72,7 @@ fn conv2d_silu_matches_composed_for_any_parity_and_blocks() {
             &mut rng,
             &[&x, &wt, &bias],
             || conv2d_k3s2_silu(&x, &wt, &bias),
-            || composed_conv(&x, &wt, &bias)?.silu(),
+            || composed::conv2d_k3s2_silu(&x, &wt, &bias),
             1e-4,
         );
     }
@@ -147,7 +90,7 @@ fn depthwise_conv2d_matches_composed_for_any_parity() {
             &mut rng,
             &[&x, &wt, &bias],
             || depthwise_conv2d_k3s2(&x, &wt, &bias),
-            || composed_depthwise(&x, &wt, &bias),
+            || composed::depthwise_conv2d_k3s2(&x, &wt, &bias),
             1e-4,
         );
     }

@@ -2,23 +2,10 @@
 
 mod ops_support;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Tensor};
+use lcasr_kernels::composed;
 use lcasr_kernels::depthwise_conv::depthwise_conv1d;
 use ops_support::{check_op, Rng};
-
-/// y[:, t, c] = bias[c] + sum_k w[c, k] * x[:, t + k - pad, c], built from differentiable ops.
-fn composed(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (_bsz, t, _c) = x.dims3()?;
-    let k = w.dim(1)?;
-    let pad = k / 2;
-    let xp = x.pad_with_zeros(1, pad, pad)?;
-    let mut y = b.reshape((1, 1, ()))?.broadcast_as(x.shape())?.clone();
-    for ki in 0..k {
-        let tap = w.narrow(1, ki, 1)?.reshape((1, 1, ()))?;
-        y = (y + xp.narrow(1, ki, t)?.broadcast_mul(&tap)?)?;
-    }
-    Ok(y)
-}
 
 #[test]
 fn depthwise_conv1d_matches_composed() {
@@ -38,7 +25,7 @@ fn depthwise_conv1d_matches_composed() {
             &mut rng,
             &[&x, &w, &bias],
             || depthwise_conv1d(&x, &w, &bias),
-            || composed(&x, &w, &bias),
+            || composed::depthwise_conv1d(&x, &w, &bias),
             1e-4,
         );
     }
@@ -55,7 +42,7 @@ fn depthwise_conv1d_accepts_strided_input() {
         &mut rng,
         &[&x, &w, &bias],
         || depthwise_conv1d(&x.transpose(1, 2)?, &w, &bias),
-        || composed(&x.transpose(1, 2)?, &w, &bias),
+        || composed::depthwise_conv1d(&x.transpose(1, 2)?, &w, &bias),
         1e-4,
     );
 }

@@ -2,23 +2,10 @@
 
 mod ops_support;
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Tensor};
+use lcasr_kernels::composed;
 use lcasr_kernels::norm::{layer_norm, rms_norm};
 use ops_support::{check_op, Rng};
-
-fn composed_layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(w)?
-        .broadcast_add(b)
-}
-
-fn composed_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(w)
-}
 
 const SHAPES: &[&[usize]] = &[&[3, 5, 64], &[7, 33], &[2, 3, 4, 257], &[1, 1], &[130, 16]];
 
@@ -35,7 +22,7 @@ fn layer_norm_matches_composed() {
             &mut rng,
             &[&x, &w, &b],
             || layer_norm(&x, &w, &b, 1e-5),
-            || composed_layer_norm(&x, &w, &b, 1e-5),
+            || composed::layer_norm(&x, &w, &b, 1e-5),
             1e-4,
         );
     }
@@ -53,7 +40,7 @@ fn rms_norm_matches_composed() {
             &mut rng,
             &[&x, &w],
             || rms_norm(&x, &w, 1e-5),
-            || composed_rms_norm(&x, &w, 1e-5),
+            || composed::rms_norm(&x, &w, 1e-5),
             1e-4,
         );
     }
@@ -70,7 +57,7 @@ fn norms_accept_strided_input() {
         &mut rng,
         &[&x, &w, &b],
         || layer_norm(&x.t()?, &w, &b, 1e-5),
-        || composed_layer_norm(&x.t()?, &w, &b, 1e-5),
+        || composed::layer_norm(&x.t()?, &w, &b, 1e-5),
         1e-4,
     );
 }

@@ -1,0 +1,287 @@
+//! Every fused op of this crate as a composition of candle's differentiable
+//! tensor ops, with the same arguments and the same maths.
+//!
+//! Two uses: the path the fused ops take on a device without a native kernel
+//! (CUDA, until the `.cu` kernels exist: candle has CUDA kernels for every op
+//! used here), and the straightforward reference the fused kernels are tested
+//! against on CPU. These compositions keep every intermediate for the
+//! backward pass, and attention materialises its (B, H, N, N) scores: correct
+//! everywhere, memory-linear nowhere.
+
+use candle_core::{bail, Device, Result, Tensor, D};
+
+use crate::attention::{dropout_keep, AttentionOptions};
+use crate::batch_renorm::{BatchStats, RenormMode};
+
+/// SiLU, `z * sigmoid(z)`.
+pub fn silu(z: &Tensor) -> Result<Tensor> {
+    z * (z.neg()?.exp()? + 1.0)?.recip()?
+}
+
+/// LayerNorm over the last dimension with affine `weight`, `bias`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// RMSNorm over the last dimension with scale `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+/// GLU over the last dimension: first half times the sigmoid of the second.
+pub fn glu(x: &Tensor) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)? / 2;
+    let a = x.narrow(D::Minus1, 0, n)?;
+    let g = x.narrow(D::Minus1, n, n)?;
+    a * (g.neg()?.exp()? + 1.0)?.recip()?
+}
+
+/// Depthwise conv1d on channels-last `x` (B, T, C), `weight` (C, K), "same"
+/// zero padding of K/2 frames each side: `y[:, t, c] = bias[c] + sum_k
+/// weight[c, k] * x[:, t + k - K/2, c]`.
+pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (_b, t, _c) = x.dims3()?;
+    let k = weight.dim(1)?;
+    let pad = k / 2;
+    let xp = x.pad_with_zeros(1, pad, k - 1 - pad)?;
+    let mut y = bias.reshape((1, 1, ()))?.broadcast_as(x.shape())?.clone();
+    for ki in 0..k {
+        let tap = weight.narrow(1, ki, 1)?.reshape((1, 1, ()))?;
+        y = (y + xp.narrow(1, ki, t)?.broadcast_mul(&tap)?)?;
+    }
+    Ok(y)
+}
+
+/// Output rows and columns of a kernel-3, stride-2, padding-1 convolution.
+fn out_hw(x: &Tensor) -> Result<(usize, usize)> {
+    let (_, _, h, w) = x.dims4()?;
+    Ok((crate::conv2d::out_len(h), crate::conv2d::out_len(w)))
+}
+
+/// The padded input's pixels (2i + kh, 2j + kw) for every output (i, j).
+fn tap(xp: &Tensor, kh: usize, kw: usize, ho: usize, wo: usize) -> Result<Tensor> {
+    let rows: Vec<u32> = (0..ho).map(|i| (2 * i + kh) as u32).collect();
+    let cols: Vec<u32> = (0..wo).map(|i| (2 * i + kw) as u32).collect();
+    let dev = xp.device();
+    xp.index_select(&Tensor::new(rows, dev)?, 2)?
+        .index_select(&Tensor::new(cols, dev)?, 3)
+}
+
+/// Conv2d, kernel 3, stride 2, padding 1, on (B, Cin, H, W) with `weight`
+/// (Cout, Cin, 3, 3): the sum over the nine taps of `weight[:, :, kh, kw] @ tap`.
+pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (bsz, cin, _, _) = x.dims4()?;
+    let cout = weight.dim(0)?;
+    let (ho, wo) = out_hw(x)?;
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut y = bias
+        .reshape((1, cout, 1))?
+        .broadcast_as((bsz, cout, ho * wo))?
+        .clone();
+    for kh in 0..3 {
+        for kw in 0..3 {
+            let t = tap(&xp, kh, kw, ho, wo)?.reshape((bsz, cin, ho * wo))?;
+            let wk = weight
+                .narrow(2, kh, 1)?
+                .narrow(3, kw, 1)?
+                .reshape((1, cout, cin))?;
+            y = (y + wk.broadcast_as((bsz, cout, cin))?.matmul(&t)?)?;
+        }
+    }
+    y.reshape((bsz, cout, ho, wo))
+}
+
+/// [`conv2d_k3s2`] followed by SiLU.
+pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    silu(&conv2d_k3s2(x, weight, bias)?)
+}
+
+/// Depthwise conv2d, kernel 3, stride 2, padding 1, on (B, C, H, W) with
+/// `weight` (C, 1, 3, 3): the sum over the nine taps of `weight[c] * tap`.
+pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let (ho, wo) = out_hw(x)?;
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut y: Option<Tensor> = None;
+    for kh in 0..3 {
+        for kw in 0..3 {
+            let wk = weight
+                .narrow(2, kh, 1)?
+                .narrow(3, kw, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = tap(&xp, kh, kw, ho, wo)?.broadcast_mul(&wk)?;
+            y = Some(match y {
+                None => term,
+                Some(acc) => (acc + term)?,
+            });
+        }
+    }
+    let y = y.expect("nine taps");
+    y.broadcast_add(&bias.reshape((1, c, 1, 1))?)
+}
+
+/// A (1, 1, C) row of `values` on `device`.
+fn row(values: &[f32], device: &Device) -> Result<Tensor> {
+    Tensor::from_slice(values, (1, 1, values.len()), device)
+}
+
+/// BatchRenorm + affine + SiLU on (B, T, C), as
+/// [`crate::batch_renorm::batch_renorm_silu`]: in training mode the batch
+/// mean and std (over the positions `lengths` counts) carry gradient, the
+/// corrections r and d do not. Synchronised statistics (a data-parallel
+/// stats reducer) are not supported here.
+pub fn batch_renorm_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    mode: RenormMode,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let dev = x.device();
+    match mode {
+        RenormMode::Eval {
+            running_mean,
+            running_std,
+        } => {
+            let z = x
+                .broadcast_sub(&row(running_mean, dev)?)?
+                .broadcast_div(&row(running_std, dev)?)?
+                .broadcast_mul(weight)?
+                .broadcast_add(bias)?;
+            Ok((silu(&z)?, None))
+        }
+        RenormMode::Train {
+            running_mean,
+            running_std,
+            rmax,
+            dmax,
+            eps,
+            lengths,
+        } => {
+            if crate::batch_renorm::stats_reducer_installed() {
+                bail!(
+                    "batch_renorm_silu: synchronised batch statistics across ranks run on CPU only"
+                )
+            }
+            let (bsz, t, c) = x.dims3()?;
+            let mask: Vec<f32> = (0..bsz * t)
+                .map(|i| match lengths {
+                    Some(l) if i % t >= l[i / t] => 0.0,
+                    _ => 1.0,
+                })
+                .collect();
+            let n = mask.iter().sum::<f32>() as f64;
+            if n == 0.0 {
+                bail!("batch_renorm_silu: the lengths leave no position to take statistics over")
+            }
+            let mask = Tensor::from_vec(mask, (bsz, t, 1), dev)?;
+            let sum_bt = |v: &Tensor| -> Result<Tensor> { v.sum_keepdim(0)?.sum_keepdim(1) };
+            let mean = (sum_bt(&x.broadcast_mul(&mask)?)? / n)?;
+            let xc = x.broadcast_sub(&mean)?;
+            let var = (sum_bt(&xc.sqr()?.broadcast_mul(&mask)?)? / n)?;
+            let std = (var.sqrt()? + eps as f64)?;
+            let mean_v: Vec<f32> = mean.flatten_all()?.to_vec1()?;
+            let std_v: Vec<f32> = std.flatten_all()?.to_vec1()?;
+            let r: Vec<f32> = (0..c)
+                .map(|i| (std_v[i] / running_std[i]).clamp(1.0 / rmax, rmax))
+                .collect();
+            let d: Vec<f32> = (0..c)
+                .map(|i| ((mean_v[i] - running_mean[i]) / running_std[i]).clamp(-dmax, dmax))
+                .collect();
+            let z = xc
+                .broadcast_div(&std)?
+                .broadcast_mul(&row(&r, dev)?)?
+                .broadcast_add(&row(&d, dev)?)?
+                .broadcast_mul(weight)?
+                .broadcast_add(bias)?;
+            let stats = BatchStats {
+                mean: mean_v,
+                std: std_v,
+            };
+            Ok((silu(&z)?, Some(stats)))
+        }
+    }
+}
+
+/// Rotate-half rotary of `z` (B, H, N, Dh) with `cos`, `sin` (N, Dh).
+fn rotate(z: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = z.dim(D::Minus1)? / 2;
+    let turned = Tensor::cat(
+        &[&z.narrow(3, half, half)?.neg()?, &z.narrow(3, 0, half)?],
+        3,
+    )?;
+    z.broadcast_mul(cos)? + turned.broadcast_mul(sin)?
+}
+
+/// Multi-head self-attention as [`crate::attention::attention`]: the same
+/// interleaved qkv layout, rotary tables, key padding, windows, dropout mask
+/// (the same hash of seed, item, head, query and key) and zeroed padded
+/// query rows; softmax over materialised (B, H, N, N) scores.
+pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
+    let (b, n, width) = qkv.dims3()?;
+    let (h, dh) = (opts.n_heads, opts.head_dim);
+    if width != 3 * h * dh {
+        bail!("attention: qkv width {width} is not 3 x {h} heads x {dh}");
+    }
+    let dev = qkv.device();
+    let x = qkv.reshape((b, n, h, dh, 3))?;
+    let part = |i: usize| -> Result<Tensor> {
+        x.narrow(4, i, 1)?.squeeze(4)?.transpose(1, 2)?.contiguous()
+    };
+    let (mut q, mut k, v) = (part(0)?, part(1)?, part(2)?);
+    if let Some((cos, sin)) = opts.rotary {
+        if cos.len() < n * dh || sin.len() < n * dh {
+            bail!("attention: rotary tables hold fewer than {n} rows of {dh}");
+        }
+        let cos = Tensor::from_slice(&cos[..n * dh], (n, dh), dev)?;
+        let sin = Tensor::from_slice(&sin[..n * dh], (n, dh), dev)?;
+        q = rotate(&q, &cos, &sin)?;
+        k = rotate(&k, &cos, &sin)?;
+    }
+    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+    let lengths = opts.lengths.map_or_else(|| vec![n; b], <[usize]>::to_vec);
+    let mut mask = vec![0f32; b * n * n];
+    let mut row_keep = vec![0f32; b * n];
+    for (bi, &len) in lengths.iter().enumerate() {
+        for i in 0..n {
+            row_keep[bi * n + i] = if i < len { 1.0 } else { 0.0 };
+            for j in 0..n {
+                // Padded query rows attend everywhere and are zeroed below.
+                let hidden = i < len
+                    && (j >= len
+                        || opts.window_left.is_some_and(|l| j + l < i)
+                        || opts.window_right.is_some_and(|r| j > i + r));
+                if hidden {
+                    mask[(bi * n + i) * n + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, n, n), dev)?;
+    let scores = scores.broadcast_add(&mask)?;
+    let max = scores.max_keepdim(D::Minus1)?.detach();
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let mut probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    if let Some((p, seed)) = opts.dropout {
+        let scale = 1.0 / (1.0 - p);
+        let mut keep = Vec::with_capacity(b * h * n * n);
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..n {
+                    for j in 0..n {
+                        let kept = dropout_keep(p, seed, bi, hi, i, j);
+                        keep.push(if kept { scale } else { 0.0 });
+                    }
+                }
+            }
+        }
+        probs = (probs * Tensor::from_vec(keep, (b, h, n, n), dev)?)?;
+    }
+    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * dh))?;
+    out.broadcast_mul(&Tensor::from_vec(row_keep, (b, n, 1), dev)?)
+}
