@@ -26,6 +26,7 @@ use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
 };
 use crate::run::tensorboard::EventWriter;
+use crate::runtime::device::DeviceName;
 pub use crate::script::run_api::Comparison;
 use crate::script::run_api::RunOutputs;
 use crate::script::{compile, CompileOptions, ScriptFailure, SessionSetup};
@@ -165,6 +166,17 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     if exp.ranks.is_some_and(|n| n > 1) {
         refuse_unsynchronised_norm(&cfg)?;
     }
+    // Opened before anything is written, so a missing GPU costs no run directory.
+    let device = DeviceName::parse(&cfg.training.device)
+        .and_then(DeviceName::open)
+        .map_err(|e| anyhow!("training.device: {e:#}"))?;
+    if !device.is_cpu() && exp.ranks.is_some_and(|n| n > 1) {
+        return Err(anyhow!(
+            "--ranks runs data-parallel ranks as CPU threads; on GPUs data parallelism needs \
+             NCCL (`--gpus`), which this build does not have yet"
+        )
+        .into());
+    }
     let interrupts = interrupt_counter();
     let compile_opts = CompileOptions {
         import_roots: exp.import_roots.clone(),
@@ -303,6 +315,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
             base_dir: PathBuf::from("."),
             run: Some(run),
             args: exp.script_args.clone(),
+            device: device.clone(),
         })
         .collect();
     let run_dir = dir.root().to_path_buf();

@@ -94,6 +94,10 @@ struct RunDirArgs {
     /// same code with one process per GPU and NCCL.
     #[arg(long, value_name = "N", value_parser = parse_ranks)]
     ranks: Option<usize>,
+    /// Where to train: cpu, cuda or cuda:N (sets `training.device`; a GPU
+    /// needs a build with `--features cuda`, see docs/gpu.md).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
 }
 
 /// `NAME=VALUE` of `--set`.
@@ -165,6 +169,10 @@ struct ModelArgs {
     /// checkpoint by training, else power-mel).
     #[arg(long)]
     log_mel: bool,
+    /// Where the model runs: cpu, cuda or cuda:N (a GPU needs a build with
+    /// `--features cuda`).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: String,
 }
 
 /// How much of a recording the model sees at once.
@@ -622,15 +630,19 @@ fn plot(args: &PlotArgs) -> ExitCode {
 }
 
 impl ModelArgs {
-    /// Loads the model at `checkpoint` on the CPU.
+    /// Loads the model at `checkpoint` onto `--device`.
     fn load(&self, checkpoint: &std::path::Path) -> anyhow::Result<lcasr::infer::LoadedModel> {
+        use lcasr::runtime::device::DeviceName;
+        let device = DeviceName::parse(&self.device)
+            .and_then(DeviceName::open)
+            .map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
         let opts = lcasr::infer::LoadOptions {
+            device,
             config: self.config.clone(),
             tokenizer: self.tokenizer.clone(),
             recipe: self
                 .log_mel
                 .then_some(lcasr::audio::features::FeatureRecipe::LogMel),
-            ..Default::default()
         };
         lcasr::infer::load_model(checkpoint, &opts)
     }
@@ -664,10 +676,14 @@ fn experiment(
     } else {
         StartMode::New
     };
+    let mut overrides = overrides.to_vec();
+    if let Some(device) = &run.device {
+        overrides.push(format!("training.device={device}"));
+    }
     let exp = Experiment {
         script,
         config: config.to_path_buf(),
-        overrides: overrides.to_vec(),
+        overrides,
         strict,
         run_dir: run.resume.clone().or_else(|| run.run_dir.clone()),
         mode,

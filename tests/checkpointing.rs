@@ -263,6 +263,7 @@ fn script_backward_reaches_the_parameters_of_checkpointed_blocks() {
             base_dir: PathBuf::from(dir.path()),
             run: None,
             args: Default::default(),
+            device: candle_core::Device::Cpu,
         })
         .map_err(|f| f.message)
         .unwrap();

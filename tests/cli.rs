@@ -259,3 +259,27 @@ fn memory_prints_every_stage_and_whether_it_fits() {
     let out = lcasr(&["memory", &reference(), "--budget-gib=0"]);
     assert_clean_error(&out, 2, "--budget-gib");
 }
+
+#[test]
+fn device_names_are_checked_and_a_cpu_build_refuses_cuda_before_writing() {
+    let run = temp_dir("device").join("run");
+    let run_dir = run.display().to_string();
+    let train = |device: &str| {
+        lcasr(&[
+            "train",
+            &reference(),
+            "--run-dir",
+            &run_dir,
+            "--device",
+            device,
+        ])
+    };
+    assert_clean_error(&train("gpu0"), 2, "training.device");
+    if !cfg!(feature = "cuda") {
+        assert_clean_error(&train("cuda:1"), 1, "--features cuda");
+    }
+    assert!(
+        !run.exists(),
+        "a refused device must leave no run directory"
+    );
+}

@@ -403,6 +403,7 @@ fn script_chunks_hand_out_the_full_length_chunk_last_and_resume_by_index() {
             base_dir: dir.path().to_path_buf(),
             run: None,
             args: Default::default(),
+            device: candle_core::Device::Cpu,
         })
         .map_err(|f| f.message)
         .unwrap();

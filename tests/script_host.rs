@@ -54,6 +54,7 @@ fn run_with_args(
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            device: candle_core::Device::Cpu,
         })
         .map_err(|f| f.message)
 }

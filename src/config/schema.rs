@@ -602,9 +602,21 @@ pub struct TrainingConfig {
     /// Compute dtype on GPUs.
     #[serde(default)]
     pub dtype: DtypeName,
+    /// Where the model trains: `cpu`, `cuda` or `cuda:N`. Left out of the
+    /// resolved config when `cpu`, so CPU configs keep their hashes.
+    #[serde(default = "cpu", skip_serializing_if = "is_cpu")]
+    pub device: String,
     /// Transformer-XL cache length of the 2023 code; only 0 is supported.
     #[serde(default)]
     pub max_cache_length: u64,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+fn is_cpu(device: &str) -> bool {
+    device == "cpu"
 }
 
 fn minus_one() -> i64 {

@@ -328,6 +328,9 @@ pub fn check(cfg: &Config) -> Vec<Problem> {
             ),
         );
     }
+    if let Err(e) = crate::runtime::device::DeviceName::parse(&t.device) {
+        c.fail("training.device", e.to_string());
+    }
     if !t.clip_value.is_finite() {
         c.fail(
             "training.clip_value",

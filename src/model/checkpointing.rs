@@ -27,7 +27,8 @@
 //! recomputation reads their values at backward time). Trained rotary
 //! frequencies count among a block's parameters: each checkpointed block
 //! passes on its share of their gradient.
-//! Like the kernels the blocks run on, the checkpoint nodes are CPU-only.
+//! The two nodes only pass tensors through; they run on CPU and, in a
+//! `cuda` build, on CUDA devices.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -97,6 +98,15 @@ struct BlockCheckpoint {
     slots: Slots,
 }
 
+impl BlockCheckpoint {
+    /// The first pass's output; the node's forward takes it once.
+    fn take_output(&self) -> Result<Tensor> {
+        lock(&self.output)
+            .take()
+            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))
+    }
+}
+
 impl CustomOp2 for BlockCheckpoint {
     fn name(&self) -> &'static str {
         "checkpointed-conformer-block"
@@ -109,10 +119,7 @@ impl CustomOp2 for BlockCheckpoint {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let output = lock(&self.output)
-            .take()
-            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))?;
-        let output = output.contiguous()?;
+        let output = self.take_output()?.contiguous()?;
         let (storage, layout) = output.storage_and_layout();
         let Storage::Cpu(cpu) = &*storage else {
             return Err(Error::Msg(
@@ -124,6 +131,26 @@ impl CustomOp2 for BlockCheckpoint {
             .ok_or_else(|| Error::Msg("checkpointed block: non-contiguous output".into()))?;
         let values = cpu.as_slice::<f32>()?[start..end].to_vec();
         Ok((CpuStorage::F32(values), output.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        // A fresh contiguous copy at offset 0, whose storage is exactly the output.
+        let fresh = self.take_output()?.affine(1.0, 0.0)?;
+        let (storage, layout) = fresh.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, fresh.shape().clone())),
+            _ => Err(Error::Msg(
+                "checkpointed block: the block ran on another device than its input".into(),
+            )),
+        }
     }
 
     fn bwd(
@@ -166,6 +193,17 @@ impl CustomOp1 for ParamTie {
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
         Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let zero = s.device().zeros_impl(&Shape::from(()), DType::F32)?;
+        Ok((zero, Shape::from(())))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

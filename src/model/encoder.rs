@@ -272,7 +272,8 @@ impl Encoder {
         };
         let mut ctx = Ctx::new(opts.train, None, opts.dropout_seed);
         ctx.brn_stats_include_padding = opts.compat_renorm_padding;
-        let x = features.transpose(1, 2)?;
+        // Features come from the data pipeline on the host.
+        let x = features.to_device(&self.device)?.transpose(1, 2)?;
         let (mut x, out_lengths) = self.subsampling.forward(&x, &lengths, &ctx)?;
         let n = x.dim(1)?;
         // Masked whenever an item is shorter than the frames (a data-parallel

@@ -1,5 +1,6 @@
 //! Process-level tuning for CPU training, and the process's memory use.
 
+pub mod device;
 #[cfg(target_os = "linux")]
 mod large_blocks;
 pub mod peak;

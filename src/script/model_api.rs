@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{Device, Tensor as CTensor};
+use candle_core::Tensor as CTensor;
 use rhai::plugin::*;
 use rhai::{Array, Dynamic, Map};
 
@@ -189,8 +189,9 @@ pub mod model_module {
 
     /// A freshly initialised encoder for the `model` config map (e.g.
     /// `cfg.model`) and a tokenizer with `vocab_size` pieces (the CTC head gets
-    /// one more class, the blank). The initial weights depend only on the
-    /// config (fixed seed 12345, as the reference).
+    /// one more class, the blank), on the run's device (`device()`). The
+    /// initial weights depend only on the config (fixed seed 12345, as the
+    /// reference; drawn on the CPU, then moved).
     #[rhai_fn(return_raw)]
     pub fn encoder(cfg: Map, vocab_size: i64) -> Result<Model, Box<EvalAltResult>> {
         encoder_seeded(cfg, vocab_size, INIT_SEED as i64)
@@ -209,7 +210,8 @@ pub mod model_module {
             )));
         }
         let cfg = model_config(&cfg)?;
-        let enc = Encoder::init(&cfg, vocab_size as usize, seed as u64, &Device::Cpu).script()?;
+        let enc =
+            Encoder::init(&cfg, vocab_size as usize, seed as u64, &session::device()).script()?;
         Ok(Model::new(enc))
     }
 

@@ -741,6 +741,17 @@ pub mod run_module {
         START.with(|s| s.elapsed().as_secs_f64())
     }
 
+    /// The device models are built and run on: `cpu` or `cuda:N`
+    /// (`training.device`, `--device`).
+    pub fn device() -> String {
+        let dev = session::device();
+        match dev.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+        }
+    }
+
     /// The process's peak resident memory in bytes since it started or since
     /// the last `reset_peak_memory()` (Linux; `()` elsewhere). In a
     /// data-parallel CPU run the ranks share one process and one peak.

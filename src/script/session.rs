@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::TensorId;
+use candle_core::{Device, TensorId};
 
 use super::errors::{script_error, ScriptResult};
 use crate::config::Config;
@@ -38,6 +38,8 @@ pub struct SessionSetup {
     pub run: Option<super::run_api::RunOutputs>,
     /// Script arguments (`--set name=value`).
     pub args: BTreeMap<String, String>,
+    /// Where models are built (`training.device`, opened by the host).
+    pub device: Device,
 }
 
 /// The live state of a script run.
@@ -69,6 +71,8 @@ pub struct Session {
     pub step_position: Option<super::data_api::DataPosition>,
     /// This rank's part in a data-parallel run (`None`: a single process).
     pub rank: Option<RankState>,
+    /// Where models are built.
+    pub device: Device,
 }
 
 /// A rank's part in a data-parallel run: the group, and what the host
@@ -120,6 +124,7 @@ pub fn install(setup: SessionSetup, interrupts: Arc<AtomicUsize>) -> SessionGuar
         since_step: false,
         step_position: None,
         rank: None,
+        device: setup.device,
     };
     SESSION.with(|s| *s.borrow_mut() = Some(session));
     SessionGuard(())
@@ -157,6 +162,15 @@ pub fn with<R>(f: impl FnOnce(&mut Session) -> ScriptResult<R>) -> ScriptResult<
         None => Err(script_error(
             "this function needs a running experiment (use `lcasr run` or `lcasr train`)",
         )),
+    })
+}
+
+/// The device models are built on: the session's, or the CPU outside a run.
+pub fn device() -> Device {
+    SESSION.with(|s| {
+        s.borrow()
+            .as_ref()
+            .map_or(Device::Cpu, |session| session.device.clone())
     })
 }
 

@@ -167,7 +167,7 @@ pub fn load_checkpoint(
         .with_context(context)?;
     for (name, var) in model.params() {
         let t = &model_tensors[name];
-        var.set(&t.to_dtype(var.dtype())?)
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)
             .with_context(|| format!("cannot set parameter `{name}`"))
             .with_context(context)?;
     }
