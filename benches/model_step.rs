@@ -4,13 +4,16 @@
 //!
 //! Shapes from the environment: `LCASR_BENCH_B` (batch, default 2),
 //! `LCASR_BENCH_T` (input frames, default 2048), `LCASR_BENCH_RUNS` (default 3),
-//! `LCASR_BENCH_INFER_T` (frames for the inference run, default 0 = skip).
+//! `LCASR_BENCH_INFER_T` (frames for the inference run, default 0 = skip);
+//! the device from `LCASR_BENCH_DEVICE` (`cpu`, default, or `cuda:N` in a
+//! `--features cuda` build; `benches/gpu/run.sh`).
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use lcasr::config::ModelConfig;
 use lcasr::model::{Encoder, ForwardOptions};
+use lcasr::runtime::device::DeviceName;
 use lcasr::train::loss::{ctc, Reduction};
 
 fn env(name: &str, default: usize) -> usize {
@@ -62,7 +65,11 @@ fn main() {
         rotary_base_freq: 1.5e6,
         ..ModelConfig::default()
     };
-    let model = Encoder::init(&cfg, 4095, 0, &Device::Cpu).unwrap();
+    let name = std::env::var("LCASR_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = DeviceName::parse(&name)
+        .and_then(DeviceName::open)
+        .unwrap_or_else(|e| panic!("LCASR_BENCH_DEVICE: {e:#}"));
+    let model = Encoder::init(&cfg, 4095, 0, &device).unwrap();
     let x = features(b, t);
     let n = t.div_ceil(8);
     let targets: Vec<Vec<u32>> = (0..b)
@@ -95,12 +102,13 @@ fn main() {
         )
         .unwrap();
         let grads = loss.backward().unwrap();
+        device.synchronize().unwrap();
         drop(grads);
         times.push(start.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "lcasr: train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
+        "lcasr ({name}): train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
         times[0],
         times[times.len() / 2],
         peak_rss_mib()
@@ -110,8 +118,9 @@ fn main() {
         let x = features(1, infer_t);
         let start = Instant::now();
         let out = model.forward(&x, None, &ForwardOptions::default()).unwrap();
+        device.synchronize().unwrap();
         println!(
-            "lcasr: inference T {infer_t} ({} encoder frames): {:.1} s, peak RSS {:.0} MiB",
+            "lcasr ({name}): inference T {infer_t} ({} encoder frames): {:.1} s, peak RSS {:.0} MiB",
             out.lengths[0],
             start.elapsed().as_secs_f64(),
             peak_rss_mib()

@@ -2,8 +2,9 @@
 depthwise-separable subsampling, pre-norm macaron Conformer blocks with rotary
 attention, BatchRenorm convolution modules, self-conditioned CTC head), written
 for this benchmark, timed on one training step (forward, CTC, backward) and on
-long-input inference. Shapes from LCASR_BENCH_B / _T / _RUNS / _INFER_T, like
-benches/model_step.rs. Weights are randomly initialised (timing only)."""
+long-input inference. Shapes from LCASR_BENCH_B / _T / _RUNS / _INFER_T and the
+device from LCASR_BENCH_DEVICE (cpu or cuda:N), like benches/model_step.rs.
+Weights are randomly initialised (timing only)."""
 import os
 import resource
 import time
@@ -18,6 +19,21 @@ B = int(os.environ.get("LCASR_BENCH_B", 2))
 T = int(os.environ.get("LCASR_BENCH_T", 2048))
 RUNS = int(os.environ.get("LCASR_BENCH_RUNS", 3))
 INFER_T = int(os.environ.get("LCASR_BENCH_INFER_T", 0))
+DEVICE = torch.device(os.environ.get("LCASR_BENCH_DEVICE", "cpu"))
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def peak():
+    """Peak host RSS, and on a GPU the peak of PyTorch's allocator."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = f"peak RSS {rss:.0f} MiB"
+    if DEVICE.type == "cuda":
+        text += f", peak GPU allocated {torch.cuda.max_memory_allocated(DEVICE) / 2**20:.0f} MiB"
+    return text
 D, H, DH, C, CLASSES, LAYERS, K = 256, 8, 32, 256, 4096, 6, 9
 
 
@@ -127,7 +143,7 @@ class Encoder(nn.Module):
     def forward(self, feats):  # (B, F, T)
         x = self.sub(feats.transpose(1, 2))
         n = x.shape[1]
-        ang = torch.arange(n).float()[:, None] * self.inv_freq[None]
+        ang = torch.arange(n, device=feats.device).float()[:, None] * self.inv_freq[None]
         ang = torch.cat((ang, ang), -1)
         cos, sin = ang.cos(), ang.sin()
         for i, layer in enumerate(self.layers):
@@ -142,10 +158,11 @@ def feats(b, t):
     return (((i * 2654435761) % 2001).float() / 1000.0 - 1.0).view(b, 80, t)
 
 
-model = Encoder()
-x = feats(B, T)
+model = Encoder().to(DEVICE)
+x = feats(B, T).to(DEVICE)
 n = (T + 7) // 8
-targets = torch.tensor([[(i * 977 + j * 131) % 4094 for j in range(n // 4)] for i in range(B)])
+targets = torch.tensor([[(i * 977 + j * 131) % 4094 for j in range(n // 4)] for i in range(B)],
+                       device=DEVICE)
 times = []
 for _ in range(RUNS):
     t0 = time.perf_counter()
@@ -153,17 +170,17 @@ for _ in range(RUNS):
     loss = F.ctc_loss(lp.transpose(0, 1), targets, torch.full((B,), n), torch.full((B,), n // 4),
                       blank=CLASSES - 1, reduction="sum")
     loss.backward()
+    sync()
     model.zero_grad(set_to_none=True)
     times.append((time.perf_counter() - t0) * 1e3)
 times.sort()
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(f"torch: train step B {B} x T {T}: best {times[0]:.0f} ms, median {times[len(times) // 2]:.0f} ms, "
-      f"peak RSS {rss:.0f} MiB")
+print(f"torch ({DEVICE}): train step B {B} x T {T}: best {times[0]:.0f} ms, "
+      f"median {times[len(times) // 2]:.0f} ms, {peak()}")
 if INFER_T:
     model.eval()
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(feats(1, INFER_T))
+        out = model(feats(1, INFER_T).to(DEVICE))
+        sync()
         dt = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"torch: inference T {INFER_T} ({out.shape[1]} encoder frames): {dt:.1f} s, peak RSS {rss:.0f} MiB")
+    print(f"torch ({DEVICE}): inference T {INFER_T} ({out.shape[1]} encoder frames): {dt:.1f} s, {peak()}")

@@ -364,3 +364,71 @@ fn reference_pt_checkpoint_loads_with_its_config() {
         2e-4,
     );
 }
+
+/// Loss and every parameter gradient of one training step on a padded batch.
+fn training_step(model: &Encoder, x: &Tensor) -> (f32, Vec<(String, Tensor)>) {
+    let out = model
+        .forward(
+            x,
+            Some(&[600, 410]),
+            &ForwardOptions {
+                train: true,
+                dropout_seed: 11,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let targets = vec![vec![1, 4, 4, 9, 2, 7], vec![3, 5, 8]];
+    let loss = ctc(
+        &out.logits,
+        &targets,
+        &out.lengths,
+        15,
+        Reduction::Sum,
+        false,
+    )
+    .unwrap();
+    let grads = loss.backward().unwrap();
+    let grads = model
+        .params()
+        .iter()
+        .map(|(name, var)| (name.clone(), grads.get(var.as_tensor()).unwrap().clone()))
+        .collect();
+    (loss.to_scalar::<f32>().unwrap(), grads)
+}
+
+#[test]
+fn composed_ops_train_like_the_fused_kernels() {
+    // The path a GPU takes today (every fused op as its composition of candle
+    // ops), run on the CPU: a training step with padding, dropout, rotary,
+    // BatchRenorm, self-conditioning and a checkpointed block gives the loss
+    // and gradients of the fused kernels.
+    let cfg = ModelConfig {
+        dropout_ff: 0.1,
+        dropout_attn: 0.1,
+        dropout_conv: 0.1,
+        checkpoint_every_n_layers: 2,
+        ..tiny_config()
+    };
+    let model = Encoder::init(&cfg, 15, 3, &Device::Cpu).unwrap();
+    let x: Vec<f32> = (0..2 * 80 * 600)
+        .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
+        .collect();
+    let x = Tensor::from_vec(x, (2, 80, 600), &Device::Cpu).unwrap();
+    let (fused_loss, fused) = training_step(&model, &x);
+    let (composed_loss, composed) = lcasr_kernels::with_composed_ops(|| training_step(&model, &x));
+    assert!(
+        ((fused_loss - composed_loss) / fused_loss).abs() < 1e-5,
+        "loss {fused_loss} vs {composed_loss}"
+    );
+    for ((name, f), (_, c)) in fused.iter().zip(&composed) {
+        let scale = to_f32_vec(f).iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        let d = max_abs_diff(&to_f32_vec(f), &to_f32_vec(c));
+        // Gradients of order 1 to 100 agree to ~1e-5; the floor of 10 covers
+        // the depthwise bias, whose gradient BatchRenorm cancels to ~1e-5.
+        assert!(
+            d <= 2e-5 * scale.max(10.0),
+            "{name}: max |diff| {d} against max |grad| {scale}"
+        );
+    }
+}

@@ -42,7 +42,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 
 /// Whether the fused CPU kernels handle `x`.
 fn fused(x: &Tensor) -> bool {
-    x.dtype() == DType::F32 && x.device().is_cpu()
+    x.dtype() == DType::F32 && crate::native(x)
 }
 
 /// Which activation a custom op applies.

@@ -51,7 +51,7 @@ pub struct AttentionOptions<'a> {
 /// The gradient flows back to `qkv` in the same interleaved layout.
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     let op = AttentionOp::new(qkv, opts)?;
-    if !qkv.device().is_cpu() {
+    if !crate::native(qkv) {
         return crate::composed::attention(qkv, opts);
     }
     qkv.contiguous()?.apply_op1(op)

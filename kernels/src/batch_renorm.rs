@@ -147,7 +147,7 @@ pub fn batch_renorm_silu(
             bail!("{op}: lengths {l:?} must be {b} values <= T = {t}");
         }
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::batch_renorm_silu(x, weight, bias, mode);
     }
     let x = x.contiguous()?;

@@ -69,7 +69,10 @@ fn tap(xp: &Tensor, kh: usize, kw: usize, ho: usize, wo: usize) -> Result<Tensor
     let rows: Vec<u32> = (0..ho).map(|i| (2 * i + kh) as u32).collect();
     let cols: Vec<u32> = (0..wo).map(|i| (2 * i + kw) as u32).collect();
     let dev = xp.device();
-    xp.index_select(&Tensor::new(rows, dev)?, 2)?
+    // candle's index_select reads contiguous tensors only.
+    xp.contiguous()?
+        .index_select(&Tensor::new(rows, dev)?, 2)?
+        .contiguous()?
         .index_select(&Tensor::new(cols, dev)?, 3)
 }
 

@@ -38,7 +38,7 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
             weight.dims()
         );
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::conv2d_k3s2(x, weight, bias);
     }
     x.contiguous()?.apply_op3(
@@ -58,7 +58,7 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
             weight.dims()
         );
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::conv2d_k3s2_silu(x, weight, bias);
     }
     x.contiguous()?.apply_op3(
@@ -80,7 +80,7 @@ pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
             weight.dims()
         );
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::depthwise_conv2d_k3s2(x, weight, bias);
     }
     x.contiguous()?

@@ -31,7 +31,7 @@ pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
     if bias.dims() != [c] {
         bail!("{op}: bias must be [{c}], got {:?}", bias.dims());
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::depthwise_conv1d(x, weight, bias);
     }
     x.contiguous()?

@@ -20,7 +20,7 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
             x.dims()
         ),
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::glu(x);
     }
     x.contiguous()?.apply_op1(Glu)

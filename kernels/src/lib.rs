@@ -14,3 +14,31 @@ pub mod glu;
 pub mod norm;
 pub mod rotary;
 pub mod softmax;
+
+use std::cell::Cell;
+
+use candle_core::Tensor;
+
+thread_local! {
+    static FORCE_COMPOSED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with every fused op of this thread taking its [`composed`] path,
+/// as it does on a device without native kernels: the way to test that path
+/// (the one a GPU takes today) on the CPU.
+pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCE_COMPOSED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCE_COMPOSED.with(|c| c.replace(true)));
+    f()
+}
+
+/// True when the fused kernel of an op on `t` runs: `t` is on the CPU and
+/// [`with_composed_ops`] is not in force.
+pub(crate) fn native(t: &Tensor) -> bool {
+    t.device().is_cpu() && !FORCE_COMPOSED.with(Cell::get)
+}

@@ -21,7 +21,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if bias.dims() != [d] {
         bail!("{op}: bias shape {:?} must be [{d}]", bias.dims());
     }
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::layer_norm(x, weight, bias, eps);
     }
     x.contiguous()?.apply_op3(
@@ -35,7 +35,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Gradients flow to `x` and `weight`. f32 only.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_norm_args("rms_norm", x, weight)?;
-    if !x.device().is_cpu() {
+    if !crate::native(x) {
         return crate::composed::rms_norm(x, weight, eps);
     }
     x.contiguous()?

@@ -30,7 +30,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.dim(D::Minus1)? == 0 {
         return Ok(x.clone());
     }
-    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+    if x.dtype() != DType::F32 || !crate::native(x) {
         return composed_softmax(x);
     }
     x.contiguous()?.apply_op1(Softmax)
@@ -143,7 +143,7 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
     }
     let fused = [x, weight, bias]
         .iter()
-        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu());
+        .all(|t| t.dtype() == DType::F32 && crate::native(t));
     if !fused || d == 0 || c == 0 {
         let rows = x.elem_count() / d.max(1);
         let logits = x

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
+# machine that has neither a Rust toolchain nor a network: the GPU parity test
+# of lcasr-kernels and the train-step benchmark, built with `--features cuda`,
+# stripped, in target/gpu-bundle (about 40 MB; carry that folder).
+#
+# What the build needs and where it comes from:
+# - nvcc, its headers and CCCL (candle-kernels compiles its .cu files to PTX):
+#   NVIDIA's PyPI wheels, CUDA 13.0 to match driver 580 of the GPU machines
+#   (a newer nvcc writes PTX that driver refuses). CUDA_COMPUTE_CAP=90 (H100,
+#   H200) unless set.
+# - cuBLAS, cuBLASLt, cuRAND, NVRTC and the CUDA runtime to link against
+#   (candle links them dynamically): the same wheels PyTorch cu130 ships, so
+#   their sonames match the copies in the GPU machine's PyTorch environment.
+# - libcuda, the driver library, exists only where a driver is installed. The
+#   link gets a stub with the soname libcuda.so.1 that defines every driver
+#   function cudarc declares; at run time the real driver library is loaded.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TERM_COLOR=never
+
+venv=target/gpu-venv
+if [ ! -x "$venv/bin/nvcc-found" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet \
+    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+    nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
+  touch "$venv/bin/nvcc-found"
+fi
+cuda_root=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
+export PATH="$cuda_root/bin:$PATH"
+nvcc --version | tail -n 1
+
+# Unversioned names for the linker, and the driver stub.
+link=target/gpu-link
+mkdir -p "$link"
+for lib in cublas cublasLt curand nvrtc cudart; do
+  real=$(find "$cuda_root/lib" -maxdepth 1 -name "lib$lib.so.*" | sort | head -n 1)
+  [ -n "$real" ] || { echo "error: lib$lib.so.* not found under $cuda_root/lib" >&2; exit 1; }
+  ln -sf "$(realpath "$real")" "$link/lib$lib.so"
+done
+driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
+[ -n "$driver_sys" ] || cargo fetch --locked
+driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
+grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$driver_sys" | sed 's/^pub unsafe fn //' | sort -u |
+  awk '{ printf "int %s(void) { return 999; }\n", $1 }' > "$link/cuda_stub.c"
+gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/cuda_stub.c"
+
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+CUDAFORGE_THREADS=$(nproc)
+export CUDAFORGE_THREADS
+export CARGO_TARGET_DIR=target/gpu-build
+export RUSTFLAGS="-L native=$PWD/$link"
+export LIBRARY_PATH="$PWD/$link"
+
+echo "== cargo build --release --features cuda (parity test, train-step benchmark)"
+# The executables' paths, from cargo's own report of what it built.
+executables() {
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])'
+}
+parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test gpu_parity \
+  --no-run --message-format=json | executables | tail -n 1)
+bench=$(cargo build --locked --release --features cuda --bench model_step \
+  --message-format=json | executables | tail -n 1)
+
+bundle=target/gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle"
+cp "$parity" "$bundle/gpu_parity"
+cp "$bench" "$bundle/model_step"
+strip "$bundle/gpu_parity" "$bundle/model_step"
+cp benches/model_torch.py "$bundle/"
+du -sh "$bundle"/*
+echo "bundle ready: carry target/gpu-bundle and run benches/gpu/run.sh on the GPU machine"

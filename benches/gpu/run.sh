@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# On a CUDA machine with PyTorch (the workplace's GPU machines: no Rust, no
+# network), runs what benches/gpu/build.sh bundled:
+#   1. every fused op on the GPU against the same op on the CPU, forward and
+#      gradients (kernels/tests/gpu_parity.rs);
+#   2. the train-step benchmark of the 6-layer d256 model (benches/model_step.rs)
+#      on the GPU against PyTorch running the same model on the same GPU
+#      (benches/model_torch.py), at the shapes of BENCHMARKS.md.
+# Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
+# go to $OUT (the device tool's folder) or target/gpu-results.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bundle=${1:-target/gpu-bundle}
+out=${OUT:-target/gpu-results}
+mkdir -p "$out"
+exec > >(tee "$out/gpu-run.log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+
+# The CUDA libraries (cuBLAS, cuRAND, NVRTC) of the Python that holds PyTorch.
+libs=$(python3 -c 'import glob, os, nvidia
+dirs = {os.path.dirname(p) for root in nvidia.__path__
+        for p in glob.glob(os.path.join(root, "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))')
+export LD_LIBRARY_PATH="$libs:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+if ldd "$bundle/gpu_parity" | grep "not found"; then
+  echo "error: libraries above are missing" >&2
+  exit 1
+fi
+
+echo "== 1. fused ops on the GPU against the CPU"
+"$bundle/gpu_parity" --test-threads 1
+parity=$?
+
+echo "== 2. training step on the GPU: lcasr vs PyTorch"
+# GPU memory in use, sampled every 100 ms, for lcasr's peak (PyTorch reports
+# its allocator's own peak).
+peak_gpu_mib() {
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem.txt" &
+  local sampler=$!
+  "$@"
+  kill "$sampler"
+  echo "peak GPU memory in use: $(sort -n "$out/mem.txt" | tail -n 1) MiB"
+}
+export LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5
+for shape in "8 4096" "2 16384" "2 2048"; do
+  set -- $shape
+  export LCASR_BENCH_B=$1 LCASR_BENCH_T=$2
+  python3 "$bundle/model_torch.py"
+  peak_gpu_mib "$bundle/model_step"
+done
+echo "parity test exit status: $parity"
+exit "$parity"

@@ -1,0 +1,248 @@
+//! Every fused op on a CUDA device against the same op on the CPU: outputs
+//! and the gradients of every input. Built only with the `cuda` feature and
+//! run on a machine with a GPU (`benches/gpu/run.sh`). Today the CUDA side of
+//! each op is its composition of candle ops (`lcasr_kernels::composed`); the
+//! same test holds the `.cu` kernels to the CPU results once they exist.
+#![cfg(feature = "cuda")]
+
+mod ops_support;
+
+use candle_core::{Device, Result, Tensor, Var};
+use lcasr_kernels::activation::{gelu_tanh, silu};
+use lcasr_kernels::attention::{attention, AttentionOptions};
+use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
+use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
+use lcasr_kernels::ctc::ctc_loss;
+use lcasr_kernels::depthwise_conv::depthwise_conv1d;
+use lcasr_kernels::glu::glu;
+use lcasr_kernels::norm::{layer_norm, rms_norm};
+use lcasr_kernels::rotary::{inv_freq, rotary_tables};
+use lcasr_kernels::softmax::{linear_softmax, softmax_last_dim};
+use ops_support::{assert_close, Rng};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA GPU: run this test through benches/gpu/run.sh")
+}
+
+/// Runs `op` on `inputs` on the CPU and on a copy on the GPU; the outputs and
+/// the gradients of `(out * probe).sum()` for every input must agree.
+fn parity(
+    what: &str,
+    rng: &mut Rng,
+    inputs: &[Tensor],
+    op: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
+    let dev = gpu();
+    let run = |device: &Device| -> (Tensor, Vec<Var>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_device(device).unwrap()).unwrap())
+            .collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        (op(&tensors).unwrap(), vars)
+    };
+    let (cpu_out, cpu_vars) = run(&Device::Cpu);
+    let (gpu_out, gpu_vars) = run(&dev);
+    assert!(
+        gpu_out.device().is_cuda(),
+        "{what}: the result left the GPU"
+    );
+    let gpu_out_host = gpu_out.to_device(&Device::Cpu).unwrap();
+    assert_close(&format!("{what} forward"), &gpu_out_host, &cpu_out, tol);
+    let probe = rng.tensor(cpu_out.dims(), -1.0, 1.0);
+    let cpu_grads = (&cpu_out * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gpu_probe = probe.to_device(&dev).unwrap();
+    let gpu_grads = (&gpu_out * &gpu_probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (i, (c, g)) in cpu_vars.iter().zip(&gpu_vars).enumerate() {
+        let want = cpu_grads.get(c.as_tensor()).expect("CPU gradient");
+        let got = gpu_grads
+            .get(g.as_tensor())
+            .expect("GPU gradient")
+            .to_device(&Device::Cpu)
+            .unwrap();
+        assert_close(&format!("{what} gradient of input {i}"), &got, want, tol);
+    }
+}
+
+#[test]
+fn norms_and_activations() {
+    let mut rng = Rng::new(1);
+    let x = rng.tensor(&[3, 17, 96], -2.0, 2.0);
+    let w = rng.tensor(&[96], 0.5, 1.5);
+    let b = rng.tensor(&[96], -0.5, 0.5);
+    parity(
+        "layer_norm",
+        &mut rng,
+        &[x.clone(), w.clone(), b],
+        |t| layer_norm(&t[0], &t[1], &t[2], 1e-5),
+        1e-4,
+    );
+    parity(
+        "rms_norm",
+        &mut rng,
+        &[x.clone(), w],
+        |t| rms_norm(&t[0], &t[1], 1e-5),
+        1e-4,
+    );
+    parity("glu", &mut rng, &[x.clone()], |t| glu(&t[0]), 1e-5);
+    parity("silu", &mut rng, &[x.clone()], |t| silu(&t[0]), 1e-5);
+    parity(
+        "gelu_tanh",
+        &mut rng,
+        &[x.clone()],
+        |t| gelu_tanh(&t[0]),
+        1e-5,
+    );
+    parity(
+        "softmax",
+        &mut rng,
+        &[x.clone()],
+        |t| softmax_last_dim(&t[0]),
+        1e-5,
+    );
+    let head_w = rng.tensor(&[33, 96], -0.2, 0.2);
+    let head_b = rng.tensor(&[33], -0.2, 0.2);
+    parity(
+        "linear_softmax",
+        &mut rng,
+        &[x, head_w, head_b],
+        |t| linear_softmax(&t[0], &t[1], &t[2]),
+        1e-4,
+    );
+}
+
+#[test]
+fn convolutions() {
+    let mut rng = Rng::new(2);
+    let x = rng.tensor(&[2, 37, 24], -1.0, 1.0);
+    let w = rng.tensor(&[24, 9], -0.5, 0.5);
+    let b = rng.tensor(&[24], -0.5, 0.5);
+    parity(
+        "depthwise_conv1d",
+        &mut rng,
+        &[x, w, b],
+        |t| depthwise_conv1d(&t[0], &t[1], &t[2]),
+        1e-4,
+    );
+    let x = rng.tensor(&[2, 1, 25, 20], -1.0, 1.0);
+    let w = rng.tensor(&[8, 1, 3, 3], -0.5, 0.5);
+    let b = rng.tensor(&[8], -0.5, 0.5);
+    parity(
+        "conv2d_k3s2",
+        &mut rng,
+        &[x.clone(), w.clone(), b.clone()],
+        |t| conv2d_k3s2(&t[0], &t[1], &t[2]),
+        1e-4,
+    );
+    parity(
+        "conv2d_k3s2_silu",
+        &mut rng,
+        &[x, w, b],
+        |t| conv2d_k3s2_silu(&t[0], &t[1], &t[2]),
+        1e-4,
+    );
+    let x = rng.tensor(&[2, 8, 13, 10], -1.0, 1.0);
+    let w = rng.tensor(&[8, 1, 3, 3], -0.5, 0.5);
+    let b = rng.tensor(&[8], -0.5, 0.5);
+    parity(
+        "depthwise_conv2d_k3s2",
+        &mut rng,
+        &[x, w, b],
+        |t| depthwise_conv2d_k3s2(&t[0], &t[1], &t[2]),
+        1e-4,
+    );
+}
+
+#[test]
+fn batch_renorm_train_and_eval() {
+    let mut rng = Rng::new(3);
+    let c = 12;
+    let x = rng.tensor(&[3, 19, c], -2.0, 3.0);
+    let w = rng.tensor(&[c], 0.5, 1.5);
+    let b = rng.tensor(&[c], -0.5, 0.5);
+    let rm: Vec<f32> = (0..c).map(|_| rng.uniform(-0.5, 1.0)).collect();
+    let rs: Vec<f32> = (0..c).map(|_| rng.uniform(0.2, 2.5)).collect();
+    let lengths = [19, 7, 1];
+    let train = RenormMode::Train {
+        running_mean: &rm,
+        running_std: &rs,
+        rmax: 1.5,
+        dmax: 0.5,
+        eps: 1e-3,
+        lengths: Some(&lengths),
+    };
+    parity(
+        "batch_renorm train",
+        &mut rng,
+        &[x.clone(), w.clone(), b.clone()],
+        |t| batch_renorm_silu(&t[0], &t[1], &t[2], train).map(|(y, _)| y),
+        1e-4,
+    );
+    let eval = RenormMode::Eval {
+        running_mean: &rm,
+        running_std: &rs,
+    };
+    parity(
+        "batch_renorm eval",
+        &mut rng,
+        &[x, w, b],
+        |t| batch_renorm_silu(&t[0], &t[1], &t[2], eval).map(|(y, _)| y),
+        1e-4,
+    );
+}
+
+#[test]
+fn attention_with_rotary_padding_windows_and_dropout() {
+    let mut rng = Rng::new(4);
+    let (b, n, h, dh) = (2, 45, 3, 16);
+    let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
+    let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+    let lengths = [45, 30];
+    for (name, window, dropout) in [
+        ("attention", None, None),
+        ("attention window 5/3", Some((5, 3)), None),
+        ("attention dropout", None, Some((0.1f32, 77u64))),
+    ] {
+        let opts = AttentionOptions {
+            n_heads: h,
+            head_dim: dh,
+            rotary: Some((&cos[..], &sin[..])),
+            lengths: Some(&lengths),
+            window_left: window.map(|w: (usize, usize)| w.0),
+            window_right: window.map(|w| w.1),
+            dropout,
+        };
+        parity(
+            name,
+            &mut rng,
+            &[qkv.clone()],
+            |t| attention(&t[0], &opts),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn ctc() {
+    let mut rng = Rng::new(5);
+    let logits = rng.tensor(&[2, 30, 11], -2.0, 2.0);
+    let targets = vec![vec![1, 2, 2, 5], vec![3, 4]];
+    parity(
+        "ctc_loss",
+        &mut rng,
+        &[logits],
+        |t| ctc_loss(&t[0], &targets, &[30, 21], 10, false),
+        1e-4,
+    );
+}
