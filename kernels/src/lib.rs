@@ -1,6 +1,8 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
-//! exposed as a candle custom op. The kernels run on CPU; on any other device
-//! each op runs as its composition of candle ops ([`composed`]).
+//! exposed as a candle custom op. The kernels run on CPU, and those with a
+//! CUDA version (`cuda/*.cu`, the `cuda` feature: GLU so far) on CUDA
+//! devices; elsewhere each op runs as its composition of candle ops
+//! ([`composed`]).
 
 pub mod activation;
 pub mod attention;
@@ -9,6 +11,8 @@ pub mod composed;
 pub mod conv2d;
 mod cpu_f32;
 pub mod ctc;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod depthwise_conv;
 pub mod glu;
 pub mod norm;
@@ -41,4 +45,10 @@ pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
 /// [`with_composed_ops`] is not in force.
 pub(crate) fn native(t: &Tensor) -> bool {
     t.device().is_cpu() && !FORCE_COMPOSED.with(Cell::get)
+}
+
+/// True when the CUDA kernel of an op that has one runs: a `cuda` build, `t`
+/// on a CUDA device, and [`with_composed_ops`] not in force.
+pub(crate) fn native_cuda(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && !FORCE_COMPOSED.with(Cell::get)
 }

@@ -1,0 +1,63 @@
+//! Launching this crate's CUDA kernels (`cuda/*.cu`, compiled to PTX by the
+//! build script) on candle's CUDA storage. Built with the `cuda` feature only.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{bail, CudaStorage, Layout, Result};
+
+/// The PTX of `cuda/glu.cu`.
+pub(crate) const GLU: Module = Module {
+    name: "lcasr-glu",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/glu.ptx")),
+};
+
+/// One compiled `.cu` file.
+pub(crate) struct Module {
+    name: &'static str,
+    ptx: &'static str,
+}
+
+impl Module {
+    /// Kernel `func` of this module on `dev` (loaded once per device).
+    pub(crate) fn func(&self, dev: &CudaDevice, func: &str) -> Result<CudaFunction> {
+        Ok(dev
+            .get_or_load_custom_func(func, self.name, self.ptx)?
+            .into_cuda_function())
+    }
+}
+
+/// The contiguous f32 values of `s` described by `l`, and their device.
+pub(crate) fn f32_view<'a>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<(CudaView<'a, f32>, &'a CudaDevice)> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: expected a contiguous input")
+    };
+    Ok((s.as_cuda_slice::<f32>()?.slice(start..end), s.device()))
+}
+
+/// A fresh device buffer of `len` f32 values, each written by the kernel
+/// that receives it.
+pub(crate) fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+    // SAFETY: every element is written by the kernel before it is read.
+    unsafe { dev.alloc::<f32>(len) }
+}
+
+/// A grid-stride launch over `elems` work items.
+pub(crate) fn grid(elems: usize) -> LaunchConfig {
+    const THREADS: u32 = 256;
+    let blocks = elems.div_ceil(THREADS as usize).clamp(1, 65_535) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Wraps a kernel's output as candle storage on `dev`.
+pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(slice, dev.clone())
+}
