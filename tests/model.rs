@@ -365,8 +365,13 @@ fn reference_pt_checkpoint_loads_with_its_config() {
     );
 }
 
-/// Loss and every parameter gradient of one training step on a padded batch.
-fn training_step(model: &Encoder, x: &Tensor) -> (f32, Vec<(String, Tensor)>) {
+/// Loss and every parameter gradient of one training step on a padded batch,
+/// computed in `dtype` (f32 when `None`).
+fn training_step_in(
+    model: &Encoder,
+    x: &Tensor,
+    dtype: Option<DType>,
+) -> (f32, Vec<(String, Tensor)>) {
     let out = model
         .forward(
             x,
@@ -374,6 +379,7 @@ fn training_step(model: &Encoder, x: &Tensor) -> (f32, Vec<(String, Tensor)>) {
             &ForwardOptions {
                 train: true,
                 dropout_seed: 11,
+                compute_dtype: dtype,
                 ..Default::default()
             },
         )
@@ -397,12 +403,13 @@ fn training_step(model: &Encoder, x: &Tensor) -> (f32, Vec<(String, Tensor)>) {
     (loss.to_scalar::<f32>().unwrap(), grads)
 }
 
-#[test]
-fn composed_ops_train_like_the_fused_kernels() {
-    // The path a GPU takes today (every fused op as its composition of candle
-    // ops), run on the CPU: a training step with padding, dropout, rotary,
-    // BatchRenorm, self-conditioning and a checkpointed block gives the loss
-    // and gradients of the fused kernels.
+/// [`training_step_in`] in f32.
+fn training_step(model: &Encoder, x: &Tensor) -> (f32, Vec<(String, Tensor)>) {
+    training_step_in(model, x, None)
+}
+
+/// The regularised model and padded batch of the training-step comparisons.
+fn step_model_and_batch() -> (Encoder, Tensor) {
     let cfg = ModelConfig {
         dropout_ff: 0.1,
         dropout_attn: 0.1,
@@ -414,7 +421,19 @@ fn composed_ops_train_like_the_fused_kernels() {
     let x: Vec<f32> = (0..2 * 80 * 600)
         .map(|i| ((i * 7919) % 997) as f32 / 499.0 - 1.0)
         .collect();
-    let x = Tensor::from_vec(x, (2, 80, 600), &Device::Cpu).unwrap();
+    (
+        model,
+        Tensor::from_vec(x, (2, 80, 600), &Device::Cpu).unwrap(),
+    )
+}
+
+#[test]
+fn composed_ops_train_like_the_fused_kernels() {
+    // The path a GPU takes today (every fused op as its composition of candle
+    // ops), run on the CPU: a training step with padding, dropout, rotary,
+    // BatchRenorm, self-conditioning and a checkpointed block gives the loss
+    // and gradients of the fused kernels.
+    let (model, x) = step_model_and_batch();
     let (fused_loss, fused) = training_step(&model, &x);
     let (composed_loss, composed) = lcasr_kernels::with_composed_ops(|| training_step(&model, &x));
     assert!(
@@ -430,5 +449,40 @@ fn composed_ops_train_like_the_fused_kernels() {
             d <= 2e-5 * scale.max(10.0),
             "{name}: max |diff| {d} against max |grad| {scale}"
         );
+    }
+}
+
+#[test]
+fn mixed_precision_steps_track_the_f32_step() {
+    // bf16 and f16 compute with f32 parameters (the GPU's `training.dtype`),
+    // run on the CPU through the ops' compositions: the loss and the
+    // gradients, which arrive in f32, follow the f32 step to the narrow
+    // types' precision.
+    let (model, x) = step_model_and_batch();
+    let (loss32, grads32) = training_step(&model, &x);
+    for (dtype, tol) in [(DType::BF16, 0.05f32), (DType::F16, 0.01)] {
+        let (loss, grads) = training_step_in(&model, &x, Some(dtype));
+        assert!(
+            ((loss - loss32) / loss32).abs() < tol / 5.0,
+            "{dtype:?}: loss {loss} vs {loss32}"
+        );
+        let (mut dot, mut n32, mut n) = (0f64, 0f64, 0f64);
+        for ((name, g32), (_, g)) in grads32.iter().zip(&grads) {
+            assert_eq!(g.dtype(), DType::F32, "{name}: gradient dtype");
+            let (a, b) = (to_f32_vec(g32), to_f32_vec(g));
+            for (u, v) in a.iter().zip(&b) {
+                dot += (*u as f64) * (*v as f64);
+                n32 += (*u as f64).powi(2);
+                n += (*v as f64).powi(2);
+            }
+            let scale = a.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let d = max_abs_diff(&a, &b);
+            assert!(
+                d <= tol * scale.max(10.0),
+                "{dtype:?} {name}: max |diff| {d} against max |grad| {scale}"
+            );
+        }
+        let cosine = dot / (n32.sqrt() * n.sqrt());
+        assert!(cosine > 0.999, "{dtype:?}: gradient cosine {cosine}");
     }
 }

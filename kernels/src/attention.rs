@@ -50,6 +50,9 @@ pub struct AttentionOptions<'a> {
 /// softmax(q k^T / sqrt(Dh) + mask) v, rows past each item's length set to 0.
 /// The gradient flows back to `qkv` in the same interleaved layout.
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
+    if crate::half(qkv) {
+        return crate::composed::attention(qkv, opts);
+    }
     let op = AttentionOp::new(qkv, opts)?;
     if !crate::native(qkv) {
         return crate::composed::attention(qkv, opts);

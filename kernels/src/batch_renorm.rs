@@ -113,6 +113,9 @@ pub fn batch_renorm_silu(
     bias: &Tensor,
     mode: RenormMode,
 ) -> Result<(Tensor, Option<BatchStats>)> {
+    if crate::half(x) {
+        return crate::composed::batch_renorm_silu(x, weight, bias, mode);
+    }
     let op = "batch_renorm_silu";
     check_f32(x, op, "x")?;
     check_f32(weight, op, "weight")?;

@@ -7,8 +7,12 @@
 //! against on CPU. These compositions keep every intermediate for the
 //! backward pass, and attention materialises its (B, H, N, N) scores: correct
 //! everywhere, memory-linear nowhere.
+//!
+//! They accept f32, bf16 and f16 alike (mixed precision runs them): norms,
+//! softmax and batch statistics are computed in f32 and cast back, as
+//! PyTorch's autocast does; the rest runs in the input's dtype.
 
-use candle_core::{bail, Device, Result, Tensor, D};
+use candle_core::{bail, DType, Device, Result, Tensor, D};
 
 use crate::attention::{dropout_keep, AttentionOptions};
 use crate::batch_renorm::{BatchStats, RenormMode};
@@ -18,20 +22,55 @@ pub fn silu(z: &Tensor) -> Result<Tensor> {
     z * (z.neg()?.exp()? + 1.0)?.recip()?
 }
 
-/// LayerNorm over the last dimension with affine `weight`, `bias`.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    xc.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+/// `t` widened to f32 when it is bf16 or f16 (itself otherwise).
+fn f32_of(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.to_dtype(DType::F32),
+        _ => Ok(t.clone()),
+    }
 }
 
-/// RMSNorm over the last dimension with scale `weight`.
+/// `y + bias` (bias broadcast to `y`'s shape), added in f32 and cast back to
+/// `y`'s dtype: under mixed precision the bias gradient, a sum over every
+/// position, then accumulates in f32 (a bf16 sum over thousands of positions
+/// loses most of its digits). Free for f32.
+pub fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if y.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return y.broadcast_add(bias);
+    }
+    f32_of(y)?
+        .broadcast_add(&f32_of(bias)?)?
+        .to_dtype(y.dtype())
+}
+
+/// LayerNorm over the last dimension with affine `weight`, `bias` (in f32).
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = f32_of(x)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&f32_of(weight)?)?
+        .broadcast_add(&f32_of(bias)?)?
+        .to_dtype(x.dtype())
+}
+
+/// RMSNorm over the last dimension with scale `weight` (in f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
+    let xf = f32_of(x)?;
+    let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    xf.broadcast_div(&(ms + eps)?.sqrt()?)?
+        .broadcast_mul(&f32_of(weight)?)?
+        .to_dtype(x.dtype())
+}
+
+/// Softmax over the last dimension (in f32).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let xf = f32_of(x)?;
+    let max = xf.max_keepdim(D::Minus1)?;
+    let e = xf.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        .to_dtype(x.dtype())
 }
 
 /// GLU over the last dimension: first half times the sigmoid of the second.
@@ -44,18 +83,27 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
 
 /// Depthwise conv1d on channels-last `x` (B, T, C), `weight` (C, K), "same"
 /// zero padding of K/2 frames each side: `y[:, t, c] = bias[c] + sum_k
-/// weight[c, k] * x[:, t + k - K/2, c]`.
+/// weight[c, k] * x[:, t + k - K/2, c]`. In f32 (its weight gradient sums
+/// over every position).
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return depthwise_conv1d(&f32_of(x)?, &f32_of(weight)?, &f32_of(bias)?)?
+            .to_dtype(x.dtype());
+    }
     let (_b, t, _c) = x.dims3()?;
     let k = weight.dim(1)?;
     let pad = k / 2;
     let xp = x.pad_with_zeros(1, pad, k - 1 - pad)?;
-    let mut y = bias.reshape((1, 1, ()))?.broadcast_as(x.shape())?.clone();
+    let mut y: Option<Tensor> = None;
     for ki in 0..k {
         let tap = weight.narrow(1, ki, 1)?.reshape((1, 1, ()))?;
-        y = (y + xp.narrow(1, ki, t)?.broadcast_mul(&tap)?)?;
+        let term = xp.narrow(1, ki, t)?.broadcast_mul(&tap)?;
+        y = Some(match y {
+            None => term,
+            Some(acc) => (acc + term)?,
+        });
     }
-    Ok(y)
+    add_bias(&y.expect("k >= 1 taps"), &bias.reshape((1, 1, ()))?)
 }
 
 /// Output rows and columns of a kernel-3, stride-2, padding-1 convolution.
@@ -83,10 +131,7 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
     let cout = weight.dim(0)?;
     let (ho, wo) = out_hw(x)?;
     let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut y = bias
-        .reshape((1, cout, 1))?
-        .broadcast_as((bsz, cout, ho * wo))?
-        .clone();
+    let mut y: Option<Tensor> = None;
     for kh in 0..3 {
         for kw in 0..3 {
             let t = tap(&xp, kh, kw, ho, wo)?.reshape((bsz, cin, ho * wo))?;
@@ -94,10 +139,15 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
                 .narrow(2, kh, 1)?
                 .narrow(3, kw, 1)?
                 .reshape((1, cout, cin))?;
-            y = (y + wk.broadcast_as((bsz, cout, cin))?.matmul(&t)?)?;
+            let term = wk.broadcast_as((bsz, cout, cin))?.matmul(&t)?;
+            y = Some(match y {
+                None => term,
+                Some(acc) => (acc + term)?,
+            });
         }
     }
-    y.reshape((bsz, cout, ho, wo))
+    let y = y.expect("nine taps").reshape((bsz, cout, ho, wo))?;
+    add_bias(&y, &bias.reshape((1, cout, 1, 1))?)
 }
 
 /// [`conv2d_k3s2`] followed by SiLU.
@@ -107,7 +157,12 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 
 /// Depthwise conv2d, kernel 3, stride 2, padding 1, on (B, C, H, W) with
 /// `weight` (C, 1, 3, 3): the sum over the nine taps of `weight[c] * tap`.
+/// In f32 (its weight gradient sums over every position).
 pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return depthwise_conv2d_k3s2(&f32_of(x)?, &f32_of(weight)?, &f32_of(bias)?)?
+            .to_dtype(x.dtype());
+    }
     let c = x.dim(1)?;
     let (ho, wo) = out_hw(x)?;
     let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
@@ -125,8 +180,7 @@ pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
             });
         }
     }
-    let y = y.expect("nine taps");
-    y.broadcast_add(&bias.reshape((1, c, 1, 1))?)
+    add_bias(&y.expect("nine taps"), &bias.reshape((1, c, 1, 1))?)
 }
 
 /// A (1, 1, C) row of `values` on `device`.
@@ -145,6 +199,8 @@ pub fn batch_renorm_silu(
     bias: &Tensor,
     mode: RenormMode,
 ) -> Result<(Tensor, Option<BatchStats>)> {
+    let dtype = x.dtype();
+    let (x, weight, bias) = (&f32_of(x)?, &f32_of(weight)?, &f32_of(bias)?);
     let dev = x.device();
     match mode {
         RenormMode::Eval {
@@ -156,7 +212,7 @@ pub fn batch_renorm_silu(
                 .broadcast_div(&row(running_std, dev)?)?
                 .broadcast_mul(weight)?
                 .broadcast_add(bias)?;
-            Ok((silu(&z)?, None))
+            Ok((silu(&z)?.to_dtype(dtype)?, None))
         }
         RenormMode::Train {
             running_mean,
@@ -206,7 +262,7 @@ pub fn batch_renorm_silu(
                 mean: mean_v,
                 std: std_v,
             };
-            Ok((silu(&z)?, Some(stats)))
+            Ok((silu(&z)?.to_dtype(dtype)?, Some(stats)))
         }
     }
 }
@@ -241,12 +297,13 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         if cos.len() < n * dh || sin.len() < n * dh {
             bail!("attention: rotary tables hold fewer than {n} rows of {dh}");
         }
-        let cos = Tensor::from_slice(&cos[..n * dh], (n, dh), dev)?;
-        let sin = Tensor::from_slice(&sin[..n * dh], (n, dh), dev)?;
+        let cos = Tensor::from_slice(&cos[..n * dh], (n, dh), dev)?.to_dtype(qkv.dtype())?;
+        let sin = Tensor::from_slice(&sin[..n * dh], (n, dh), dev)?.to_dtype(qkv.dtype())?;
         q = rotate(&q, &cos, &sin)?;
         k = rotate(&k, &cos, &sin)?;
     }
-    let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?;
+    // Scores in the input's dtype; mask and softmax in f32.
+    let scores = f32_of(&(q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?)?;
     let lengths = opts.lengths.map_or_else(|| vec![n; b], <[usize]>::to_vec);
     let mut mask = vec![0f32; b * n * n];
     let mut row_keep = vec![0f32; b * n];
@@ -285,6 +342,10 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         }
         probs = (probs * Tensor::from_vec(keep, (b, h, n, n), dev)?)?;
     }
-    let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, h * dh))?;
-    out.broadcast_mul(&Tensor::from_vec(row_keep, (b, n, 1), dev)?)
+    let out = probs
+        .to_dtype(qkv.dtype())?
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, n, h * dh))?;
+    out.broadcast_mul(&Tensor::from_vec(row_keep, (b, n, 1), dev)?.to_dtype(qkv.dtype())?)
 }

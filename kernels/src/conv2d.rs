@@ -29,6 +29,9 @@ pub fn out_len(len: usize) -> usize {
 /// (B, Cout, (H-1)/2+1, (W-1)/2+1). Gradients flow to all three inputs (to `x` only
 /// when it takes part in a graph). f32 only.
 pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::conv2d_k3s2(x, weight, bias);
+    }
     let op = "conv2d_k3s2";
     let (_b, cin, _h, _w) = check_args(op, x, weight, bias)?;
     let (_cout, wcin, _, _) = weight.dims4()?;
@@ -51,6 +54,9 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
 /// `silu(conv2d_k3s2(x, weight, bias))` as one op that saves only `x` and its
 /// output; same shapes, gradients and f32 requirement as [`conv2d_k3s2`].
 pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::conv2d_k3s2_silu(x, weight, bias);
+    }
     let (_b, cin, _h, _w) = check_args("conv2d_k3s2_silu", x, weight, bias)?;
     if weight.dim(1)? != cin {
         bail!(
@@ -72,6 +78,9 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 /// `x` (B, C, H, W), `weight` (C, 1, 3, 3), `bias` (C) -> (B, C, (H-1)/2+1, (W-1)/2+1).
 /// Gradients flow to all three inputs. f32 only.
 pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::depthwise_conv2d_k3s2(x, weight, bias);
+    }
     let op = "depthwise_conv2d_k3s2";
     let (_b, c, _h, _w) = check_args(op, x, weight, bias)?;
     if weight.dims() != [c, 1, 3, 3] {

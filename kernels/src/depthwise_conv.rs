@@ -16,6 +16,9 @@ const ROWS_PER_TASK: usize = 32;
 /// `y[b, t, c] = bias[c] + sum_k weight[c, k] * x[b, t + k - (K-1)/2, c]`, zero outside
 /// [0, T). Gradients flow to all three inputs. f32 only.
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::depthwise_conv1d(x, weight, bias);
+    }
     let op = "depthwise_conv1d";
     check_f32(x, op, "x")?;
     check_f32(weight, op, "weight")?;

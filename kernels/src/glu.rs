@@ -12,6 +12,9 @@ const ROWS_PER_TASK: usize = 64;
 /// GLU over the last dimension: the last dimension `2n` becomes `n`, the output is
 /// `x[.., :n] * sigmoid(x[.., n:])`. f32 only; gradient flows to `x`.
 pub fn glu(x: &Tensor) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::glu(x);
+    }
     check_f32(x, "glu", "x")?;
     match x.dims().last() {
         Some(&d) if d > 0 && d % 2 == 0 => {}

@@ -47,8 +47,21 @@ pub(crate) fn native(t: &Tensor) -> bool {
     t.device().is_cpu() && !FORCE_COMPOSED.with(Cell::get)
 }
 
+/// True for bf16 and f16 tensors: the fused kernels are f32, so mixed
+/// precision runs the ops' compositions (which compute norms, softmax and
+/// statistics in f32, as autocast does).
+pub(crate) fn half(t: &Tensor) -> bool {
+    matches!(
+        t.dtype(),
+        candle_core::DType::BF16 | candle_core::DType::F16
+    )
+}
+
 /// True when the CUDA kernel of an op that has one runs: a `cuda` build, `t`
 /// on a CUDA device, and [`with_composed_ops`] not in force.
 pub(crate) fn native_cuda(t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda() && !FORCE_COMPOSED.with(Cell::get)
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && t.dtype() == candle_core::DType::F32
+        && !FORCE_COMPOSED.with(Cell::get)
 }

@@ -15,6 +15,9 @@ const ROWS_PER_TASK: usize = 64;
 /// dimensions), then `* weight + bias`. `weight` and `bias` have the size of the last
 /// dimension. Gradients flow to all three inputs. f32 only.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::layer_norm(x, weight, bias, eps);
+    }
     let op = "layer_norm";
     let d = check_norm_args(op, x, weight)?;
     check_f32(bias, op, "bias")?;
@@ -34,6 +37,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 /// Gradients flow to `x` and `weight`. f32 only.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::half(x) {
+        return crate::composed::rms_norm(x, weight, eps);
+    }
     check_norm_args("rms_norm", x, weight)?;
     if !crate::native(x) {
         return crate::composed::rms_norm(x, weight, eps);

@@ -31,16 +31,9 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if x.dtype() != DType::F32 || !crate::native(x) {
-        return composed_softmax(x);
+        return crate::composed::softmax_last_dim(x);
     }
     x.contiguous()?.apply_op1(Softmax)
-}
-
-/// The composed softmax for dtypes and devices without the fused kernel.
-fn composed_softmax(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
 }
 
 struct Softmax;
@@ -146,10 +139,8 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
         .all(|t| t.dtype() == DType::F32 && crate::native(t));
     if !fused || d == 0 || c == 0 {
         let rows = x.elem_count() / d.max(1);
-        let logits = x
-            .reshape((rows, d))?
-            .matmul(&weight.t()?)?
-            .broadcast_add(bias)?;
+        let logits = x.reshape((rows, d))?.matmul(&weight.t()?)?;
+        let logits = crate::composed::add_bias(&logits, bias)?;
         let mut dims = x.dims().to_vec();
         *dims.last_mut().expect("rank checked") = c;
         return softmax_last_dim(&logits.reshape(dims)?);

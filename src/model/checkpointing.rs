@@ -99,11 +99,14 @@ struct BlockCheckpoint {
 }
 
 impl BlockCheckpoint {
-    /// The first pass's output; the node's forward takes it once.
-    fn take_output(&self) -> Result<Tensor> {
+    /// The first pass's output as a fresh contiguous copy at offset 0, whose
+    /// storage is exactly the output (any dtype); the node's forward takes it
+    /// once.
+    fn owned_output(&self) -> Result<Tensor> {
         lock(&self.output)
             .take()
-            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))
+            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))?
+            .affine(1.0, 0.0)
     }
 }
 
@@ -119,18 +122,15 @@ impl CustomOp2 for BlockCheckpoint {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let output = self.take_output()?.contiguous()?;
-        let (storage, layout) = output.storage_and_layout();
-        let Storage::Cpu(cpu) = &*storage else {
-            return Err(Error::Msg(
-                "checkpointed block: activation checkpointing runs on the CPU only".into(),
-            ));
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| Error::Msg("checkpointed block: non-contiguous output".into()))?;
-        let values = cpu.as_slice::<f32>()?[start..end].to_vec();
-        Ok((CpuStorage::F32(values), output.shape().clone()))
+        use candle_core::backend::BackendStorage;
+        let fresh = self.owned_output()?;
+        let (storage, layout) = fresh.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, fresh.shape().clone())),
+            _ => Err(Error::Msg(
+                "checkpointed block: the block ran on another device than its input".into(),
+            )),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -142,8 +142,7 @@ impl CustomOp2 for BlockCheckpoint {
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        // A fresh contiguous copy at offset 0, whose storage is exactly the output.
-        let fresh = self.take_output()?.affine(1.0, 0.0)?;
+        let fresh = self.owned_output()?;
         let (storage, layout) = fresh.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, fresh.shape().clone())),

@@ -148,8 +148,8 @@ impl ConvModule {
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let h = glu(&self.pw1.forward(x, ctx)?)?;
         let h = ctx.zero_padding(&h)?;
-        let w = ctx.w(&self.dw_weight).reshape((self.inner, self.kernel))?;
-        let h = depthwise_conv1d(&h, &w, &ctx.w(&self.dw_bias))?;
+        let w = ctx.w(&self.dw_weight)?.reshape((self.inner, self.kernel))?;
+        let h = depthwise_conv1d(&h, &w, &ctx.w(&self.dw_bias)?)?;
         let h = self.norm.forward(&h, ctx)?;
         self.pw2.forward(&h, ctx)
     }

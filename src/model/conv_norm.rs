@@ -410,8 +410,16 @@ impl ConvNormLayer {
     /// The norm and SiLU applied to (B, N, C). A training forward updates the
     /// running statistics once; the recomputation of a checkpointed block
     /// (`ctx.recomputing`) leaves them alone, and BatchRenorm's normalises
-    /// with the state of the first pass (`ctx.renorm_replay`).
+    /// with the state of the first pass (`ctx.renorm_replay`). Under mixed
+    /// precision the norm runs in f32 (as autocast runs batch norm) and its
+    /// output is cast back.
     pub fn forward(&self, h: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let dtype = h.dtype();
+        self.forward_f32(&h.to_dtype(DType::F32)?, ctx)?
+            .to_dtype(dtype)
+    }
+
+    fn forward_f32(&self, h: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         // Frames counted by the statistics (every frame for the reference's behaviour).
         let lengths = if ctx.brn_stats_include_padding {
             None
@@ -423,13 +431,13 @@ impl ConvNormLayer {
                 weight,
                 bias,
                 state,
-            } => batch_renorm_forward(h, &ctx.w(weight), &ctx.w(bias), state, lengths, ctx),
+            } => batch_renorm_forward(h, &ctx.w_f32(weight), &ctx.w_f32(bias), state, lengths, ctx),
             ConvNormLayer::BatchNorm {
                 weight,
                 bias,
                 state,
             } => {
-                let (w, b) = (ctx.w(weight), ctx.w(bias));
+                let (w, b) = (ctx.w_f32(weight), ctx.w_f32(bias));
                 if !ctx.train {
                     let s = lock(state);
                     let mode = BatchNormMode::Eval {
@@ -445,11 +453,15 @@ impl ConvNormLayer {
                 Ok(y)
             }
             ConvNormLayer::Layer { weight, bias } => {
-                layer_norm_silu(h, &ctx.w(weight), &ctx.w(bias))
+                layer_norm_silu(h, &ctx.w_f32(weight), &ctx.w_f32(bias))
             }
-            ConvNormLayer::Group { weight, bias } => {
-                group_norm_silu(h, &ctx.w(weight), &ctx.w(bias), GROUP_NORM_GROUPS, lengths)
-            }
+            ConvNormLayer::Group { weight, bias } => group_norm_silu(
+                h,
+                &ctx.w_f32(weight),
+                &ctx.w_f32(bias),
+                GROUP_NORM_GROUPS,
+                lengths,
+            ),
             ConvNormLayer::Identity => silu(h),
         }
     }

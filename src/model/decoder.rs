@@ -1,6 +1,6 @@
 //! The CTC head and self-conditioning (reference-spec §3.8, §3.9.2).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use lcasr_kernels::softmax::softmax_last_dim;
 
 use super::builder::Builder;
@@ -43,7 +43,10 @@ impl Decoder {
 
     /// Logits of the head: ff(norm(x)).
     pub fn logits(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        self.ff.forward(&self.norm(x, ctx)?, ctx)
+        // Logits leave the model in f32 whatever the compute dtype.
+        self.ff
+            .forward(&self.norm(x, ctx)?, ctx)?
+            .to_dtype(DType::F32)
     }
 
     /// One self-conditioning step: x + reprojection(softmax(logits(x))),
@@ -58,7 +61,10 @@ impl Decoder {
         // Without the logits, the fused head keeps only the probabilities for the backward.
         let (probs, logits) = if keep_logits {
             let logits = self.ff.forward(&normed, ctx)?;
-            (softmax_last_dim(&logits)?, Some(logits))
+            (
+                softmax_last_dim(&logits)?,
+                Some(logits.to_dtype(DType::F32)?),
+            )
         } else {
             (self.ff.softmax(&normed, ctx)?, None)
         };

@@ -36,6 +36,11 @@ pub struct ForwardOptions {
     /// include padded frames, as the reference computed them (needed to
     /// reproduce its training numerics exactly).
     pub compat_renorm_padding: bool,
+    /// Mixed precision: the dtype activations and weight copies are computed
+    /// in (bf16 or f16), with the parameters kept in f32 and their gradients
+    /// flowing back through the casts; norms, softmax, batch statistics,
+    /// positional tables and the logits stay f32. `None`: f32 throughout.
+    pub compute_dtype: Option<DType>,
 }
 
 /// What a forward pass returns.
@@ -272,8 +277,12 @@ impl Encoder {
         };
         let mut ctx = Ctx::new(opts.train, None, opts.dropout_seed);
         ctx.brn_stats_include_padding = opts.compat_renorm_padding;
+        ctx.dtype = opts.compute_dtype.unwrap_or(DType::F32);
         // Features come from the data pipeline on the host.
-        let x = features.to_device(&self.device)?.transpose(1, 2)?;
+        let x = features
+            .to_device(&self.device)?
+            .to_dtype(ctx.dtype)?
+            .transpose(1, 2)?;
         let (mut x, out_lengths) = self.subsampling.forward(&x, &lengths, &ctx)?;
         let n = x.dim(1)?;
         // Masked whenever an item is shorter than the frames (a data-parallel
@@ -285,7 +294,8 @@ impl Encoder {
                 .iter()
                 .flat_map(|&l| (0..n).map(move |i| if i < l { 1.0 } else { 0.0 }))
                 .collect();
-            ctx.mask = Some(Tensor::from_vec(mask, (batch, n, 1), x.device())?);
+            ctx.mask =
+                Some(Tensor::from_vec(mask, (batch, n, 1), x.device())?.to_dtype(ctx.dtype)?);
             ctx.lengths = Some(clamped);
         }
         if let Some(r) = &self.rotary {
@@ -294,12 +304,15 @@ impl Encoder {
                     ctx.rotary = Some(Arc::new(rotary_tables(f, n, r.factor)));
                 }
                 Frequencies::Learned(v) => {
-                    ctx.learned_rotary = Some(rotary_cos_sin(&ctx.w(v), n, r.factor)?);
+                    // Angles in f32 whatever the compute dtype.
+                    let (cos, sin) = rotary_cos_sin(&ctx.w_f32(v), n, r.factor)?;
+                    ctx.learned_rotary = Some((cos.to_dtype(ctx.dtype)?, sin.to_dtype(ctx.dtype)?));
                 }
             }
         }
         if let Some(w) = &self.fourier {
-            x = x.broadcast_add(&fourier_features(&ctx.w(w), n, self.cfg.d_model as usize)?)?;
+            let pe = fourier_features(&ctx.w_f32(w), n, self.cfg.d_model as usize)?;
+            x = x.broadcast_add(&pe.to_dtype(ctx.dtype)?)?;
         }
         if self.cfg.self_condition_subsampling {
             x = self.decoder.self_condition(&x, &ctx, false)?.0;

@@ -4,7 +4,8 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+use lcasr_kernels::composed::add_bias;
 use lcasr_kernels::norm::{layer_norm, rms_norm};
 use lcasr_kernels::softmax::{linear_softmax, softmax_last_dim};
 use rand::{Rng, SeedableRng};
@@ -41,6 +42,8 @@ pub struct Ctx {
     /// True only while a checkpointed block recomputes its forward during
     /// backward: norms with running statistics must not update them again.
     pub recomputing: bool,
+    /// The compute dtype (f32, or bf16/f16 under mixed precision).
+    pub dtype: DType,
     /// Parameters enter the autograd graph (false in evaluation and in the
     /// graph-free first pass of a checkpointed block).
     graph: bool,
@@ -59,6 +62,7 @@ impl Ctx {
             brn_stats_include_padding: false,
             renorm_replay: None,
             recomputing: false,
+            dtype: DType::F32,
             graph: train,
             dropout_rng: RefCell::new(ChaCha8Rng::seed_from_u64(dropout_seed)),
         }
@@ -77,6 +81,7 @@ impl Ctx {
             brn_stats_include_padding: self.brn_stats_include_padding,
             renorm_replay,
             recomputing: self.recomputing,
+            dtype: self.dtype,
             graph,
             dropout_rng: RefCell::new(self.dropout_rng.borrow().clone()),
         }
@@ -93,14 +98,20 @@ impl Ctx {
         self.graph
     }
 
-    /// The tensor of a parameter: tracked by autograd when this forward
+    /// The f32 tensor of a parameter: tracked by autograd when this forward
     /// records a graph, detached otherwise.
-    pub fn w(&self, v: &Var) -> Tensor {
+    pub fn w_f32(&self, v: &Var) -> Tensor {
         if self.graph {
             v.as_tensor().clone()
         } else {
             v.as_detached_tensor()
         }
+    }
+
+    /// A parameter in the compute dtype ([`Ctx::w_f32`] cast, so that its
+    /// gradient flows back to the f32 parameter).
+    pub fn w(&self, v: &Var) -> Result<Tensor> {
+        self.w_f32(v).to_dtype(self.dtype)
     }
 
     /// Inverted dropout with probability `p` (identity in eval or when p = 0).
@@ -114,7 +125,7 @@ impl Ctx {
         let mask: Vec<f32> = (0..n)
             .map(|_| if rng.random::<f64>() < p { 0.0 } else { scale })
             .collect();
-        let mask = Tensor::from_vec(mask, x.dims(), x.device())?;
+        let mask = Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
 
@@ -169,14 +180,14 @@ impl Linear {
 
     /// The weight as an (out, in) matrix, whatever shape it is stored in.
     fn matrix(&self, ctx: &Ctx) -> Result<Tensor> {
-        ctx.w(&self.weight).reshape((self.out_dim, self.in_dim))
+        ctx.w(&self.weight)?.reshape((self.out_dim, self.in_dim))
     }
 
     /// `softmax(forward(x))` over the last dimension; with a bias, as one fused
     /// op that keeps no logits for the backward (`linear_softmax`).
     pub fn softmax(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match &self.bias {
-            Some(b) => linear_softmax(x, &self.matrix(ctx)?, &ctx.w(b)),
+            Some(b) => linear_softmax(x, &self.matrix(ctx)?, &ctx.w(b)?),
             None => softmax_last_dim(&self.forward(x, ctx)?),
         }
     }
@@ -189,7 +200,7 @@ impl Linear {
             .reshape((rows, self.in_dim))?
             .matmul(&self.matrix(ctx)?.t()?)?;
         if let Some(b) = &self.bias {
-            y = y.broadcast_add(&ctx.w(b))?;
+            y = add_bias(&y, &ctx.w(b)?)?;
         }
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.out_dim;
@@ -247,8 +258,8 @@ impl Norm {
     /// Normalises the last dimension of `x`.
     pub fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         match self {
-            Norm::Layer { weight, bias } => layer_norm(x, &ctx.w(weight), &ctx.w(bias), NORM_EPS),
-            Norm::Rms { weight } => rms_norm(x, &ctx.w(weight), NORM_EPS),
+            Norm::Layer { weight, bias } => layer_norm(x, &ctx.w(weight)?, &ctx.w(bias)?, NORM_EPS),
+            Norm::Rms { weight } => rms_norm(x, &ctx.w(weight)?, NORM_EPS),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use candle_core::{Result, Tensor, Var};
 use lcasr_kernels::activation::silu;
+use lcasr_kernels::composed::add_bias;
 use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2, out_len};
 
 use super::builder::{Builder, Init};
@@ -127,10 +128,10 @@ impl Subsampling {
             h = match stage {
                 // The fused op keeps no pre-activation: at long context the largest tensor.
                 Stage::Full { weight, bias } if self.act == Activation::Silu => {
-                    conv2d_k3s2_silu(&h, &ctx.w(weight), &ctx.w(bias))?
+                    conv2d_k3s2_silu(&h, &ctx.w(weight)?, &ctx.w(bias)?)?
                 }
                 Stage::Full { weight, bias } => {
-                    activate(&conv2d_k3s2(&h, &ctx.w(weight), &ctx.w(bias))?, self.act)?
+                    activate(&conv2d_k3s2(&h, &ctx.w(weight)?, &ctx.w(bias)?)?, self.act)?
                 }
                 Stage::Separable {
                     dw_weight,
@@ -138,9 +139,9 @@ impl Subsampling {
                     pw_weight,
                     pw_bias,
                 } => {
-                    let h = depthwise_conv2d_k3s2(&h, &ctx.w(dw_weight), &ctx.w(dw_bias))?;
+                    let h = depthwise_conv2d_k3s2(&h, &ctx.w(dw_weight)?, &ctx.w(dw_bias)?)?;
                     activate(
-                        &pointwise(&h, &ctx.w(pw_weight), &ctx.w(pw_bias))?,
+                        &pointwise(&h, &ctx.w(pw_weight)?, &ctx.w(pw_bias)?)?,
                         self.act,
                     )?
                 }
@@ -202,8 +203,7 @@ fn pointwise(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let c_out = weight.dim(0)?;
     let wm = weight.reshape((c_out, c))?.broadcast_left(b)?;
     let y = wm.matmul(&x.reshape((b, c, h * w))?)?;
-    y.broadcast_add(&bias.reshape((c_out, 1))?)?
-        .reshape((b, c_out, h, w))
+    add_bias(&y, &bias.reshape((c_out, 1))?)?.reshape((b, c_out, h, w))
 }
 
 fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {

@@ -95,6 +95,7 @@ impl Model {
             keep_layer_outputs: keep.layers,
             keep_interim_logits: keep.interim,
             compat_renorm_padding: false,
+            compute_dtype: session::compute_dtype(),
         })
     }
 

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, TensorId};
+use candle_core::{DType, Device, TensorId};
 
 use super::errors::{script_error, ScriptResult};
-use crate::config::Config;
+use crate::config::{Config, DtypeName};
 use crate::parallel::Collective;
 use crate::train::rng::RunRng;
 
@@ -171,6 +171,23 @@ pub fn device() -> Device {
         s.borrow()
             .as_ref()
             .map_or(Device::Cpu, |session| session.device.clone())
+    })
+}
+
+/// The compute dtype of forward passes: `training.dtype` on a GPU (bf16 or
+/// f16 mixed precision, `None` for float32), always f32 (`None`) on the CPU.
+pub fn compute_dtype() -> Option<DType> {
+    SESSION.with(|s| {
+        let s = s.borrow();
+        let session = s.as_ref()?;
+        if session.device.is_cpu() {
+            return None;
+        }
+        match session.config.as_ref()?.training.dtype {
+            DtypeName::Bfloat16 => Some(DType::BF16),
+            DtypeName::Float16 => Some(DType::F16),
+            DtypeName::Float32 => None,
+        }
     })
 }
 
