@@ -17,7 +17,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::config::{self, Config, DtypeName, LoadOptions, Seed};
+use crate::config::{self, Config, LoadOptions, Seed};
 use crate::hash::sha256_hex;
 use crate::parallel::driver::refuse_unsynchronised_norm;
 use crate::parallel::threads::run_on_threads;
@@ -170,13 +170,6 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     let device = DeviceName::parse(&cfg.training.device)
         .and_then(DeviceName::open)
         .map_err(|e| anyhow!("training.device: {e:#}"))?;
-    if !device.is_cpu() && cfg.training.dtype == DtypeName::Float16 {
-        return Err(anyhow!(
-            "training.dtype: float16 on a GPU needs loss scaling, which lcasr does not have \
-             yet; use bfloat16 (same range as float32, no scaling needed) or float32"
-        )
-        .into());
-    }
     if !device.is_cpu() && exp.ranks.is_some_and(|n| n > 1) {
         return Err(anyhow!(
             "--ranks runs data-parallel ranks as CPU threads; on GPUs data parallelism needs \

@@ -353,3 +353,46 @@ fn running_the_model_block_by_block_equals_forward() {
         ],
     );
 }
+
+#[test]
+fn loss_scaling_is_exact_and_an_overflow_skips_the_step_and_halves_the_scale() {
+    // A power-of-two loss scale, undone before the step, leaves every weight
+    // bit-identical; a scale that overflows skips the step and backs off.
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+        fn train(scale) {
+            let model = encoder(#{ n_layers: 1, d_model: 32, n_heads: 2, head_dim: 16 }, 15, 5);
+            let opt = optimizer(model, #{ name: "madgrad", args: #{ lr: 0.01 } });
+            let x = ((arange(5120) * 0.37 - 900.0).tanh() * (arange(5120) * 0.011).tanh()).reshape([1, 80, 64]);
+            let state = scale;
+            for i in 0..3 {
+                let out = model.forward(x, [64]);
+                let loss = (out.logits * out.logits).mean();
+                if state == () {
+                    loss.backward();
+                } else {
+                    (loss * state.scale).backward();
+                    opt.unscale_grads(state.scale);
+                    state = update_loss_scale(state, opt.grads_finite());
+                }
+                opt.step(0.01);
+            }
+            #{ w: model.param("decoder.ff.weight"), state: state, skipped: opt.skipped }
+        }
+        let plain = train(());
+        let scaled = train(loss_scale());
+        if (plain.w - scaled.w).abs().max(0).max(0).item() != 0.0 {
+            throw "loss scaling changed the weights";
+        }
+        if scaled.state.good_steps != 3 || scaled.state.scale != 65536.0 {
+            throw `scale state ${scaled.state}`;
+        }
+        let huge = loss_scale();
+        huge.scale = 1e300;
+        let over = train(huge);
+        if over.skipped != 3 { throw `overflowing steps taken: skipped ${over.skipped}`; }
+        if over.state.scale != 1e300 / 8.0 { throw `no back-off: ${over.state.scale}`; }
+    "#;
+    std::fs::write(dir.path().join("main.rhai"), script).unwrap();
+    run_in(&dir.path().join("main.rhai"), 0, dir.path()).unwrap();
+}

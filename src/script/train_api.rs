@@ -19,8 +19,9 @@ use super::session;
 use super::tensor_api::{number, Tensor};
 use crate::model::memory::{training_peak, StepShape};
 use crate::parallel::grads::{all_reduce_gradients, broadcast_model, BUCKET_ELEMS};
-use crate::train::clip::{grad_total_norm, grads_are_finite};
+use crate::train::clip::{grad_total_norm, grads_are_finite, scale_grads};
 use crate::train::loss::{ctc, Reduction};
+use crate::train::loss_scale::LossScale;
 use crate::train::lr_schedule::{CosineWarmup, DecayUnit};
 use crate::train::optimizer::{
     collect_params, DecayGroups, Optimizer as OptImpl, OptimizerConfig, Param,
@@ -199,6 +200,14 @@ fn int_of(map: &Map, key: &str, what: &str) -> ScriptResult<Option<u64>> {
 }
 
 /// Training functions.
+/// A loss scale as the map scripts keep.
+fn loss_scale_map(s: LossScale) -> Map {
+    let mut map = Map::new();
+    map.insert("scale".into(), Dynamic::from(s.scale));
+    map.insert("good_steps".into(), Dynamic::from(s.good_steps as i64));
+    map
+}
+
 #[export_module]
 pub mod train_module {
     use super::*;
@@ -457,6 +466,48 @@ pub mod train_module {
         };
         put_grads(grads)?;
         result.script()
+    }
+
+    /// Divides the accumulated gradients by `scale`: the loss scale of a
+    /// float16 run, applied before `grads_finite`, `clip_grad_norm` and `step`
+    /// (in a data-parallel run, after summing them over the ranks).
+    #[rhai_fn(pure, return_raw)]
+    pub fn unscale_grads(opt: &mut Optimizer, scale: Dynamic) -> Result<(), Box<EvalAltResult>> {
+        let scale = number(&scale, "unscale_grads(scale)")?;
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(script_error(format!(
+                "unscale_grads(): the scale must be finite and > 0, got {scale}"
+            )));
+        }
+        let mut grads = take_grads()?;
+        let params = Optimizer::trainable(&opt.lock());
+        let result = sum_over_ranks(&params, &mut grads)
+            .and_then(|()| scale_grads(&params, &mut grads, 1.0 / scale).script());
+        put_grads(grads)?;
+        result
+    }
+
+    /// A fresh dynamic loss scale for float16 training, as a map to keep in
+    /// the checkpointed `state`: `#{ scale: 65536.0, good_steps: 0 }`.
+    /// Multiply the loss by `scale` before `backward()`, call
+    /// `opt.unscale_grads(scale)` before the step, then `update_loss_scale`.
+    pub fn loss_scale() -> Map {
+        loss_scale_map(LossScale::default())
+    }
+
+    /// The loss scale after one optimizer step whose gradients were `finite`
+    /// (or not): halved on an overflow, doubled after 2,000 finite steps in a
+    /// row (PyTorch's GradScaler policy).
+    #[rhai_fn(return_raw)]
+    pub fn update_loss_scale(state: Map, finite: bool) -> Result<Map, Box<EvalAltResult>> {
+        let value: serde_json::Value = rhai::serde::from_dynamic(&Dynamic::from_map(state))?;
+        let mut s: LossScale = serde_json::from_value(value).map_err(|e| {
+            script_error(format!(
+                "update_loss_scale(): expected the map loss_scale() made: {e}"
+            ))
+        })?;
+        s.update(finite);
+        Ok(loss_scale_map(s))
     }
 
     /// True when every accumulated gradient is finite (in a data-parallel

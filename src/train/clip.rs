@@ -32,14 +32,20 @@ pub fn clip_grad_norm(params: &[Param], grads: &mut GradStore, max_norm: f64) ->
     let total = grad_total_norm(params, grads)?;
     let coef = clip_coefficient(total, max_norm);
     if coef < 1.0 {
-        for param in params {
-            if let Some(g) = grads.get(param.var.as_tensor()) {
-                let scaled = (g * coef)?;
-                grads.insert(param.var.as_tensor(), scaled);
-            }
-        }
+        scale_grads(params, grads, coef)?;
     }
     Ok(total)
+}
+
+/// Multiplies the gradients of `params` in `grads` by `factor`.
+pub fn scale_grads(params: &[Param], grads: &mut GradStore, factor: f64) -> Result<()> {
+    for param in params {
+        if let Some(g) = grads.get(param.var.as_tensor()) {
+            let scaled = (g * factor)?;
+            grads.insert(param.var.as_tensor(), scaled);
+        }
+    }
+    Ok(())
 }
 
 /// Whether every gradient of `params` is finite (no NaN or ±inf).

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod direct;
 pub mod exact_f64;
 pub mod loss;
+pub mod loss_scale;
 pub mod lr_schedule;
 pub mod madgrad;
 pub mod memory_plan;
