@@ -12,6 +12,12 @@ pub(crate) const GLU: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/glu.ptx")),
 };
 
+/// The PTX of `cuda/norm.cu`.
+pub(crate) const NORM: Module = Module {
+    name: "lcasr-norm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")),
+};
+
 /// One compiled `.cu` file.
 pub(crate) struct Module {
     name: &'static str,

@@ -1,6 +1,6 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
 //! exposed as a candle custom op. The kernels run on CPU, and those with a
-//! CUDA version (`cuda/*.cu`, the `cuda` feature: GLU so far) on CUDA
+//! CUDA version (`cuda/*.cu`, the `cuda` feature: GLU, LayerNorm, RMSNorm) on CUDA
 //! devices; elsewhere each op runs as its composition of candle ops
 //! ([`composed`]).
 
@@ -16,6 +16,8 @@ mod cuda;
 pub mod depthwise_conv;
 pub mod glu;
 pub mod norm;
+#[cfg(feature = "cuda")]
+mod norm_cuda;
 pub mod rotary;
 pub mod softmax;
 

@@ -24,7 +24,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if bias.dims() != [d] {
         bail!("{op}: bias shape {:?} must be [{d}]", bias.dims());
     }
-    if !crate::native(x) {
+    if !(crate::native(x) || crate::native_cuda(x)) {
         return crate::composed::layer_norm(x, weight, bias, eps);
     }
     x.contiguous()?.apply_op3(
@@ -41,7 +41,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
         return crate::composed::rms_norm(x, weight, eps);
     }
     check_norm_args("rms_norm", x, weight)?;
-    if !crate::native(x) {
+    if !(crate::native(x) || crate::native_cuda(x)) {
         return crate::composed::rms_norm(x, weight, eps);
     }
     x.contiguous()?
@@ -198,6 +198,19 @@ impl CustomOp3 for LayerNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::norm_cuda::forward((s1, l1), (s2, l2), Some((s3, l3)), self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -206,6 +219,11 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, db) = crate::norm_cuda::backward(x, weight, grad, self.eps, true)?;
+            return Ok((Some(dx), Some(dw), db));
+        }
         let op = self.name();
         let w = to_vec_f32(weight, op)?;
         let d = w.len();
@@ -257,6 +275,17 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::norm_cuda::forward((s1, l1), (s2, l2), None, self.eps)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -264,6 +293,11 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let (dx, dw, _) = crate::norm_cuda::backward(x, weight, grad, self.eps, false)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let op = self.name();
         let w = to_vec_f32(weight, op)?;
         let d = w.len();
