@@ -2,7 +2,8 @@
 # Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
 # machine that has neither a Rust toolchain nor a network: the GPU parity test
 # of lcasr-kernels and the train-step benchmark, built with `--features cuda`,
-# stripped, in target/gpu-bundle (about 40 MB; carry that folder).
+# stripped and xz-compressed in target/gpu-bundle (about 17 MB: with the
+# repository it fits the device tool's 64 MiB; carry that folder).
 #
 # What the build needs and where it comes from:
 # - nvcc, its headers and CCCL (candle-kernels compiles its .cu files to PTX):
@@ -74,6 +75,7 @@ mkdir -p "$bundle"
 cp "$parity" "$bundle/gpu_parity"
 cp "$bench" "$bundle/model_step"
 strip "$bundle/gpu_parity" "$bundle/model_step"
+xz -T0 -6 "$bundle/gpu_parity" "$bundle/model_step"
 cp benches/model_torch.py "$bundle/"
 du -sh "$bundle"/*
 echo "bundle ready: carry target/gpu-bundle and run benches/gpu/run.sh on the GPU machine"

@@ -16,19 +16,30 @@ mkdir -p "$out"
 exec > >(tee "$out/gpu-run.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
+# The bundle's programs are xz-compressed (build.sh); unpack them with Python's
+# lzma, which every Python has.
+bin=/tmp/lcasr-gpu
+mkdir -p "$bin"
+for b in gpu_parity model_step; do
+  python3 -c 'import lzma, shutil, sys
+with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)' "$bundle/$b.xz" "$bin/$b"
+  chmod +x "$bin/$b"
+done
+
 # The CUDA libraries (cuBLAS, cuRAND, NVRTC) of the Python that holds PyTorch.
 libs=$(python3 -c 'import glob, os, nvidia
 dirs = {os.path.dirname(p) for root in nvidia.__path__
         for p in glob.glob(os.path.join(root, "**", "lib*.so*"), recursive=True)}
 print(":".join(sorted(dirs)))')
 export LD_LIBRARY_PATH="$libs:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-if ldd "$bundle/gpu_parity" | grep "not found"; then
+if ldd "$bin/gpu_parity" | grep "not found"; then
   echo "error: libraries above are missing" >&2
   exit 1
 fi
 
 echo "== 1. fused ops on the GPU against the CPU"
-"$bundle/gpu_parity" --test-threads 1
+"$bin/gpu_parity" --test-threads 1
 parity=$?
 
 echo "== 2. training step on the GPU: lcasr vs PyTorch"
@@ -46,7 +57,7 @@ for shape in "8 4096" "2 16384" "2 2048"; do
   set -- $shape
   export LCASR_BENCH_B=$1 LCASR_BENCH_T=$2
   python3 "$bundle/model_torch.py"
-  peak_gpu_mib "$bundle/model_step"
+  peak_gpu_mib "$bin/model_step"
 done
 echo "parity test exit status: $parity"
 exit "$parity"
