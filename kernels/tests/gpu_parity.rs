@@ -95,19 +95,31 @@ fn norms_and_activations() {
         |t| rms_norm(&t[0], &t[1], 1e-5),
         1e-4,
     );
-    parity("glu", &mut rng, &[x.clone()], |t| glu(&t[0]), 1e-5);
-    parity("silu", &mut rng, &[x.clone()], |t| silu(&t[0]), 1e-5);
+    parity(
+        "glu",
+        &mut rng,
+        std::slice::from_ref(&x),
+        |t| glu(&t[0]),
+        1e-5,
+    );
+    parity(
+        "silu",
+        &mut rng,
+        std::slice::from_ref(&x),
+        |t| silu(&t[0]),
+        1e-5,
+    );
     parity(
         "gelu_tanh",
         &mut rng,
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| gelu_tanh(&t[0]),
         1e-5,
     );
     parity(
         "softmax",
         &mut rng,
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |t| softmax_last_dim(&t[0]),
         1e-5,
     );
@@ -226,7 +238,7 @@ fn attention_with_rotary_padding_windows_and_dropout() {
         parity(
             name,
             &mut rng,
-            &[qkv.clone()],
+            std::slice::from_ref(&qkv),
             |t| attention(&t[0], &opts),
             1e-4,
         );
