@@ -33,16 +33,7 @@ const CHECK_FRAMES: usize = 4000;
 const CHECK_WINDOW: usize = 1600;
 
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    lcasr::runtime::peak::peak().map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64)
 }
 
 /// (80, t) synthetic features: the hash pattern of `benches/model_step.rs`.

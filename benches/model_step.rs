@@ -13,7 +13,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use lcasr::config::ModelConfig;
 use lcasr::model::{Encoder, ForwardOptions};
-use lcasr::runtime::device::DeviceName;
+use lcasr::runtime::device::open_device;
 use lcasr::train::loss::{ctc, Reduction};
 
 fn env(name: &str, default: usize) -> usize {
@@ -24,16 +24,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    lcasr::runtime::peak::peak().map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64)
 }
 
 fn features(b: usize, t: usize) -> Tensor {
@@ -66,9 +57,7 @@ fn main() {
         ..ModelConfig::default()
     };
     let name = std::env::var("LCASR_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
-    let device = DeviceName::parse(&name)
-        .and_then(DeviceName::open)
-        .unwrap_or_else(|e| panic!("LCASR_BENCH_DEVICE: {e:#}"));
+    let device = open_device(&name).unwrap_or_else(|e| panic!("LCASR_BENCH_DEVICE: {e:#}"));
     let model = Encoder::init(&cfg, 4095, 0, &device).unwrap();
     let x = features(b, t);
     let n = t.div_ceil(8);

@@ -26,7 +26,7 @@ use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
 };
 use crate::run::tensorboard::EventWriter;
-use crate::runtime::device::DeviceName;
+use crate::runtime::device::open_device;
 pub use crate::script::run_api::Comparison;
 use crate::script::run_api::RunOutputs;
 use crate::script::{compile, CompileOptions, ScriptFailure, SessionSetup};
@@ -167,9 +167,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         refuse_unsynchronised_norm(&cfg)?;
     }
     // Opened before anything is written, so a missing GPU costs no run directory.
-    let device = DeviceName::parse(&cfg.training.device)
-        .and_then(DeviceName::open)
-        .map_err(|e| anyhow!("training.device: {e:#}"))?;
+    let device =
+        open_device(&cfg.training.device).map_err(|e| anyhow!("training.device: {e:#}"))?;
     if !device.is_cpu() && exp.ranks.is_some_and(|n| n > 1) {
         return Err(anyhow!(
             "--ranks runs data-parallel ranks as CPU threads; on GPUs data parallelism needs \

@@ -632,9 +632,7 @@ fn plot(args: &PlotArgs) -> ExitCode {
 impl ModelArgs {
     /// Loads the model at `checkpoint` onto `--device`.
     fn load(&self, checkpoint: &std::path::Path) -> anyhow::Result<lcasr::infer::LoadedModel> {
-        use lcasr::runtime::device::DeviceName;
-        let device = DeviceName::parse(&self.device)
-            .and_then(DeviceName::open)
+        let device = lcasr::runtime::device::open_device(&self.device)
             .map_err(|e| anyhow::anyhow!("--device: {e:#}"))?;
         let opts = lcasr::infer::LoadOptions {
             device,

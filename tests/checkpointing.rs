@@ -21,6 +21,7 @@ use candle_core::{Device, Tensor};
 use common::{ctc_forward, load_tensors, to_f32_vec, train_step_batch, Batch};
 use lcasr::config::{load_model_section, ModelConfig};
 use lcasr::model::{Encoder, ForwardOptions, RenormState};
+use lcasr::runtime::peak;
 use lcasr::script::{compile, CompileOptions, SessionSetup};
 
 fn tiny_config() -> ModelConfig {
@@ -303,22 +304,17 @@ fn peak_memory_probe() {
         train: true,
         ..Default::default()
     };
-    let start = memory_kb("VmRSS:");
+    let start = memory_kb(peak::resident());
     let out = model.forward(&x, None, &opts).unwrap();
     let loss = out.log_probs().unwrap().sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     assert!(grads.get_ids().count() >= model.params().len());
-    println!("\nSTEP_PEAK_KB={}", memory_kb("VmHWM:") - start);
+    println!("\nSTEP_PEAK_KB={}", memory_kb(peak::peak()) - start);
 }
 
-/// A `/proc/self/status` memory figure in kB (`VmRSS:`, `VmHWM:`).
-fn memory_kb(key: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in /proc/self/status"))
+/// A memory figure of `lcasr::runtime::peak` in kB.
+fn memory_kb(bytes: Option<u64>) -> u64 {
+    bytes.expect("no memory figures in /proc/self/status") >> 10
 }
 
 /// Peak resident memory (kB) one probe's training step added.

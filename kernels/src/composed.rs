@@ -94,17 +94,34 @@ pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
     let k = weight.dim(1)?;
     let pad = k / 2;
     let xp = x.pad_with_zeros(1, pad, k - 1 - pad)?;
-    let mut y: Option<Tensor> = None;
-    for ki in 0..k {
+    let y = sum_terms((0..k).map(|ki| {
         let tap = weight.narrow(1, ki, 1)?.reshape((1, 1, ()))?;
-        let term = xp.narrow(1, ki, t)?.broadcast_mul(&tap)?;
-        y = Some(match y {
-            None => term,
-            Some(acc) => (acc + term)?,
-        });
-    }
-    add_bias(&y.expect("k >= 1 taps"), &bias.reshape((1, 1, ()))?)
+        xp.narrow(1, ki, t)?.broadcast_mul(&tap)
+    }))?;
+    add_bias(&y, &bias.reshape((1, 1, ()))?)
 }
+
+/// The sum of a convolution's per-tap terms, in tap order.
+fn sum_terms(terms: impl IntoIterator<Item = Result<Tensor>>) -> Result<Tensor> {
+    let mut terms = terms.into_iter();
+    let first = terms
+        .next()
+        .ok_or_else(|| candle_core::Error::Msg("no taps".into()))??;
+    terms.try_fold(first, |acc, term| acc + term?)
+}
+
+/// The nine (row, column) taps of a 3 x 3 kernel, row-major.
+const TAPS: [(usize, usize); 9] = [
+    (0, 0),
+    (0, 1),
+    (0, 2),
+    (1, 0),
+    (1, 1),
+    (1, 2),
+    (2, 0),
+    (2, 1),
+    (2, 2),
+];
 
 /// Output rows and columns of a kernel-3, stride-2, padding-1 convolution.
 fn out_hw(x: &Tensor) -> Result<(usize, usize)> {
@@ -131,22 +148,15 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
     let cout = weight.dim(0)?;
     let (ho, wo) = out_hw(x)?;
     let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut y: Option<Tensor> = None;
-    for kh in 0..3 {
-        for kw in 0..3 {
-            let t = tap(&xp, kh, kw, ho, wo)?.reshape((bsz, cin, ho * wo))?;
-            let wk = weight
-                .narrow(2, kh, 1)?
-                .narrow(3, kw, 1)?
-                .reshape((1, cout, cin))?;
-            let term = wk.broadcast_as((bsz, cout, cin))?.matmul(&t)?;
-            y = Some(match y {
-                None => term,
-                Some(acc) => (acc + term)?,
-            });
-        }
-    }
-    let y = y.expect("nine taps").reshape((bsz, cout, ho, wo))?;
+    let y = sum_terms(TAPS.into_iter().map(|(kh, kw)| {
+        let t = tap(&xp, kh, kw, ho, wo)?.reshape((bsz, cin, ho * wo))?;
+        let wk = weight
+            .narrow(2, kh, 1)?
+            .narrow(3, kw, 1)?
+            .reshape((1, cout, cin))?;
+        wk.broadcast_as((bsz, cout, cin))?.matmul(&t)
+    }))?
+    .reshape((bsz, cout, ho, wo))?;
     add_bias(&y, &bias.reshape((1, cout, 1, 1))?)
 }
 
@@ -166,21 +176,14 @@ pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
     let c = x.dim(1)?;
     let (ho, wo) = out_hw(x)?;
     let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    let mut y: Option<Tensor> = None;
-    for kh in 0..3 {
-        for kw in 0..3 {
-            let wk = weight
-                .narrow(2, kh, 1)?
-                .narrow(3, kw, 1)?
-                .reshape((1, c, 1, 1))?;
-            let term = tap(&xp, kh, kw, ho, wo)?.broadcast_mul(&wk)?;
-            y = Some(match y {
-                None => term,
-                Some(acc) => (acc + term)?,
-            });
-        }
-    }
-    add_bias(&y.expect("nine taps"), &bias.reshape((1, c, 1, 1))?)
+    let y = sum_terms(TAPS.into_iter().map(|(kh, kw)| {
+        let wk = weight
+            .narrow(2, kh, 1)?
+            .narrow(3, kw, 1)?
+            .reshape((1, c, 1, 1))?;
+        tap(&xp, kh, kw, ho, wo)?.broadcast_mul(&wk)
+    }))?;
+    add_bias(&y, &bias.reshape((1, c, 1, 1))?)
 }
 
 /// A (1, 1, C) row of `values` on `device`.

@@ -14,6 +14,8 @@
 //! prints it next to the measured peak (`peak_memory()`), and a test keeps the
 //! two within a stated tolerance on CPU.
 
+use lcasr_kernels::conv2d::out_len;
+
 use crate::config::{Activation, ConvNorm, ModelConfig, Subsampling};
 
 /// Sizes of one training step's memory, in bytes.
@@ -64,11 +66,19 @@ pub struct StepShape {
     pub activation_bytes: usize,
 }
 
-/// Encoder frames after subsampling `frames` input frames (each stride-2
-/// stage maps `t` to `(t - 1) / 2 + 1`).
+/// Frames (or bins) after one kernel-3, stride-2 stage; none of none.
+fn stride2(len: u64) -> u64 {
+    if len == 0 {
+        0
+    } else {
+        out_len(len as usize) as u64
+    }
+}
+
+/// Encoder frames after subsampling `frames` input frames.
 pub fn encoder_frames(cfg: &ModelConfig, frames: usize) -> usize {
     let stages = cfg.subsampling_factor.trailing_zeros();
-    (0..stages).fold(frames, |t, _| if t == 0 { 0 } else { (t - 1) / 2 + 1 })
+    (0..stages).fold(frames as u64, |t, _| stride2(t)) as usize
 }
 
 /// Predicted peak memory of one forward + backward + optimizer step.
@@ -203,8 +213,8 @@ fn subsampling_elements(cfg: &ModelConfig, batch: usize, frames: usize, n: usize
     // The transposed input, made contiguous for the first convolution.
     let mut total = t * f;
     for s in 0..stages {
-        t = if t == 0 { 0 } else { (t - 1) / 2 + 1 };
-        f = (f - 1) / 2 + 1;
+        t = stride2(t);
+        f = stride2(f);
         let plane = c * t * f;
         // A full convolution fused with SiLU keeps only its output; any other
         // activation is one more tensor.
@@ -240,8 +250,8 @@ fn subsampling_backward_elements(cfg: &ModelConfig, batch: usize, frames: usize)
     let (mut t, mut f) = (frames as u64, cfg.feat_in);
     let mut planes = Vec::new();
     for _ in 0..stages.min(2) {
-        t = if t == 0 { 0 } else { (t - 1) / 2 + 1 };
-        f = (f - 1) / 2 + 1;
+        t = stride2(t);
+        f = stride2(f);
         planes.push(c * t * f);
     }
     let first = planes.first().copied().unwrap_or(0);

@@ -36,6 +36,12 @@ impl DeviceName {
     }
 }
 
+/// The device named `name` (`cpu`, `cuda`, `cuda:N`), opened: [`DeviceName::parse`]
+/// then [`DeviceName::open`].
+pub fn open_device(name: &str) -> Result<Device> {
+    DeviceName::parse(name)?.open()
+}
+
 impl std::fmt::Display for DeviceName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
