@@ -6,11 +6,14 @@
 //! `LCASR_BENCH_T` (input frames, default 2048), `LCASR_BENCH_RUNS` (default 3),
 //! `LCASR_BENCH_INFER_T` (frames for the inference run, default 0 = skip);
 //! the device from `LCASR_BENCH_DEVICE` (`cpu`, default, or `cuda:N` in a
-//! `--features cuda` build; `benches/gpu/run.sh`).
+//! `--features cuda` build; `benches/gpu/run.sh`). `LCASR_BENCH_MODEL=reference`
+//! times the reference config's 6-layer d_model 768 (6 x 128-head) model
+//! instead, `LCASR_BENCH_CKPT=n` checkpoints every n-th block and
+//! `LCASR_BENCH_DTYPE=bf16|f16` computes in half precision (f32 weights).
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use lcasr::config::ModelConfig;
 use lcasr::model::{Encoder, ForwardOptions};
 use lcasr::runtime::device::open_device;
@@ -46,15 +49,27 @@ fn main() {
         env("LCASR_BENCH_T", 2048),
         env("LCASR_BENCH_RUNS", 3),
     );
+    let reference = std::env::var("LCASR_BENCH_MODEL").is_ok_and(|m| m == "reference");
+    let (d_model, n_heads, head_dim) = if reference {
+        (768, 6, 128)
+    } else {
+        (256, 8, 32)
+    };
     let cfg = ModelConfig {
         n_layers: 6,
-        d_model: 256,
-        n_heads: 8,
-        head_dim: 32,
+        d_model,
+        n_heads,
+        head_dim,
         use_rotary: true,
         decoder_norm: true,
         rotary_base_freq: 1.5e6,
+        checkpoint_every_n_layers: env("LCASR_BENCH_CKPT", 0) as u64,
         ..ModelConfig::default()
+    };
+    let compute_dtype = match std::env::var("LCASR_BENCH_DTYPE").as_deref() {
+        Ok("bf16") => Some(DType::BF16),
+        Ok("f16") => Some(DType::F16),
+        _ => None,
     };
     let name = std::env::var("LCASR_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let device = open_device(&name).unwrap_or_else(|e| panic!("LCASR_BENCH_DEVICE: {e:#}"));
@@ -69,7 +84,8 @@ fn main() {
         })
         .collect();
     let mut times = Vec::new();
-    for _ in 0..runs {
+    let composed = std::env::var("LCASR_BENCH_COMPOSED").is_ok_and(|v| v == "1");
+    let mut step = || {
         let start = Instant::now();
         let out = model
             .forward(
@@ -77,6 +93,7 @@ fn main() {
                 None,
                 &ForwardOptions {
                     train: true,
+                    compute_dtype,
                     ..Default::default()
                 },
             )
@@ -94,10 +111,19 @@ fn main() {
         device.synchronize().unwrap();
         drop(grads);
         times.push(start.elapsed().as_secs_f64() * 1e3);
+    };
+    for _ in 0..runs {
+        if composed {
+            lcasr_kernels::with_composed_ops(&mut step);
+        } else {
+            step();
+        }
     }
     times.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "lcasr ({name}): train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
+        "lcasr ({name}, {}{}): train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
+        if reference { "d768" } else { "d256" },
+        compute_dtype.map_or(String::new(), |d| format!(" {d:?}")),
         times[0],
         times[times.len() / 2],
         peak_rss_mib()

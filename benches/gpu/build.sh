@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
 # machine that has neither a Rust toolchain nor a network: the GPU parity test
-# of lcasr-kernels and the train-step benchmark, built with `--features cuda`,
-# stripped and xz-compressed in target/gpu-bundle (about 17 MB: with the
-# repository it fits the device tool's 64 MiB; carry that folder).
+# of lcasr-kernels, the train-step benchmark and the lcasr CLI, built with
+# `--features cuda`, stripped and xz-compressed in target/gpu-bundle (about
+# 27 MB: with the repository it fits the device tool's 64 MiB; carry that
+# folder).
 #
 # What the build needs and where it comes from:
 # - nvcc, its headers and CCCL (candle-kernels compiles its .cu files to PTX):
@@ -68,14 +69,17 @@ parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test g
   --no-run --message-format=json | executables | tail -n 1)
 bench=$(cargo build --locked --release --features cuda --bench model_step \
   --message-format=json | executables | tail -n 1)
+cli=$(cargo build --locked --release --features cuda --bin lcasr \
+  --message-format=json | executables | tail -n 1)
 
 bundle=target/gpu-bundle
 rm -rf "$bundle"
 mkdir -p "$bundle"
 cp "$parity" "$bundle/gpu_parity"
 cp "$bench" "$bundle/model_step"
-strip "$bundle/gpu_parity" "$bundle/model_step"
-xz -T0 -6 "$bundle/gpu_parity" "$bundle/model_step"
+cp "$cli" "$bundle/lcasr"
+strip "$bundle/gpu_parity" "$bundle/model_step" "$bundle/lcasr"
+xz -T0 -6 "$bundle/gpu_parity" "$bundle/model_step" "$bundle/lcasr"
 cp benches/model_torch.py "$bundle/"
 du -sh "$bundle"/*
 echo "bundle ready: carry target/gpu-bundle and run benches/gpu/run.sh on the GPU machine"

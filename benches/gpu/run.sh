@@ -5,7 +5,10 @@
 #      gradients (kernels/tests/gpu_parity.rs);
 #   2. the train-step benchmark of the 6-layer d256 model (benches/model_step.rs)
 #      on the GPU against PyTorch running the same model on the same GPU
-#      (benches/model_torch.py), at the shapes of BENCHMARKS.md.
+#      (benches/model_torch.py), at the shapes of BENCHMARKS.md;
+#   3. one training step of the reference d768 model on one hour of audio
+#      (issue #10's memory target), with its peak GPU memory;
+#   4. the demo training job (demo.sh's steps) with `--device cuda:0`.
 # Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
 # go to $OUT (the device tool's folder) or target/gpu-results.
 set -uo pipefail
@@ -20,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # lzma, which every Python has.
 bin=/tmp/lcasr-gpu
 mkdir -p "$bin"
-for b in gpu_parity model_step; do
+for b in gpu_parity model_step lcasr; do
   python3 -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)' "$bundle/$b.xz" "$bin/$b"
@@ -39,7 +42,7 @@ if ldd "$bin/gpu_parity" | grep "not found"; then
 fi
 
 echo "== 1. fused ops on the GPU against the CPU"
-"$bin/gpu_parity" --test-threads 1
+timeout 180 "$bin/gpu_parity" --test-threads 1
 parity=$?
 
 echo "== 2. training step on the GPU: lcasr vs PyTorch"
@@ -56,8 +59,21 @@ export LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5
 for shape in "8 4096" "2 16384" "2 2048"; do
   set -- $shape
   export LCASR_BENCH_B=$1 LCASR_BENCH_T=$2
-  python3 "$bundle/model_torch.py"
-  peak_gpu_mib "$bin/model_step"
+  timeout 90 python3 "$bundle/model_torch.py"
+  peak_gpu_mib timeout 90 "$bin/model_step"
 done
+
+echo "== 3. one hour of audio: 360,000 frames, the reference d768 model, bf16, every block checkpointed"
+echo "(lcasr memory predicts 30.4 GiB for this step; docs/gpu.md)"
+LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 LCASR_BENCH_DTYPE=bf16 LCASR_BENCH_B=1 \
+  LCASR_BENCH_T=360000 LCASR_BENCH_RUNS=2 peak_gpu_mib timeout 240 "$bin/model_step"
+echo "== 4. the demo training job on the GPU: demo.sh's steps, lcasr train --device cuda:0, 3 epochs"
+lcasr="$bin/lcasr"
+timeout 240 sh -c "set -e
+  $lcasr prepare data/demo/train --out runs/demo-data/train
+  $lcasr prepare data/demo/heldout --out runs/demo-data/heldout
+  $lcasr tokenizer train data/demo/train/transcripts.txt --vocab-size 64 --out runs/demo-data/tokenizer.json
+  $lcasr train configs/demo.yaml --force --device cuda:0 training.max_epochs=3"
+echo "demo training exit status: $?"
 echo "parity test exit status: $parity"
 exit "$parity"

@@ -1,4 +1,5 @@
-//! Memory-efficient multi-head self-attention (FlashAttention-2 style) on CPU, f32.
+//! Memory-efficient multi-head self-attention (FlashAttention-2 style) on CPU, f32
+//! (on CUDA devices: `attention_cuda.rs`, the same algorithm).
 //!
 //! The op takes the qkv projection output in the reference's interleaved layout,
 //! applies rotary embedding to q and k, and computes masked softmax attention
@@ -45,11 +46,24 @@ pub struct AttentionOptions<'a> {
 
 /// Multi-head self-attention on the interleaved qkv projection output.
 ///
-/// `qkv`: (B, N, 3*H*Dh) f32 on CPU with q[b,n,h,d] = qkv[b,n,(h*Dh+d)*3+0], k at +1, v at +2.
+/// `qkv`: (B, N, 3*H*Dh) with q[b,n,h,d] = qkv[b,n,(h*Dh+d)*3+0], k at +1, v at +2.
 /// Returns (B, N, H*Dh) with heads concatenated in (h, d) order:
 /// softmax(q k^T / sqrt(Dh) + mask) v, rows past each item's length set to 0.
 /// The gradient flows back to `qkv` in the same interleaved layout.
+/// f32 on the CPU runs the fused kernel here; on a CUDA device (any float
+/// dtype, computed in f32, Dh <= 128) the kernel of `cuda/attention.cu`;
+/// anything else the composition [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() && opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
+        // Half precision on a GPU computes in f32 too: the composition would
+        // materialise (B, H, N, N) scores.
+        let x = qkv.to_dtype(DType::F32)?;
+        if crate::native_cuda(&x) {
+            let op = AttentionOp::new(&x, opts)?;
+            return crate::attention_cuda::attention(&x, op.p, opts)?.to_dtype(qkv.dtype());
+        }
+    }
     if crate::half(qkv) {
         return crate::composed::attention(qkv, opts);
     }

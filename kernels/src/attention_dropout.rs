@@ -24,11 +24,12 @@ fn mix32(mut x: u32) -> u32 {
 /// Dropout parameters resolved for the kernels.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dropout {
-    seed: u64,
+    /// The mask's seed.
+    pub(crate) seed: u64,
     /// An entry is kept iff its hash is `>= threshold`.
-    threshold: u32,
+    pub(crate) threshold: u32,
     /// Value of a kept entry of the scale mask: `1 / (1 - p)`.
-    keep_scale: f32,
+    pub(crate) keep_scale: f32,
 }
 
 impl Dropout {

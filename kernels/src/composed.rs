@@ -280,11 +280,10 @@ fn rotate(z: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     z.broadcast_mul(cos)? + turned.broadcast_mul(sin)?
 }
 
-/// Multi-head self-attention as [`crate::attention::attention`]: the same
-/// interleaved qkv layout, rotary tables, key padding, windows, dropout mask
-/// (the same hash of seed, item, head, query and key) and zeroed padded
-/// query rows; softmax over materialised (B, H, N, N) scores.
-pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
+/// The heads of the interleaved `qkv` (B, N, 3*H*Dh) of [`attention`]:
+/// q, k, v as contiguous (B, H, N, Dh), q and k rotated when `opts` has
+/// rotary tables (not scaled).
+pub fn attention_heads(qkv: &Tensor, opts: &AttentionOptions) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, n, width) = qkv.dims3()?;
     let (h, dh) = (opts.n_heads, opts.head_dim);
     if width != 3 * h * dh {
@@ -302,9 +301,21 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
         }
         let cos = Tensor::from_slice(&cos[..n * dh], (n, dh), dev)?.to_dtype(qkv.dtype())?;
         let sin = Tensor::from_slice(&sin[..n * dh], (n, dh), dev)?.to_dtype(qkv.dtype())?;
-        q = rotate(&q, &cos, &sin)?;
-        k = rotate(&k, &cos, &sin)?;
+        q = rotate(&q, &cos, &sin)?.contiguous()?;
+        k = rotate(&k, &cos, &sin)?.contiguous()?;
     }
+    Ok((q, k, v))
+}
+
+/// Multi-head self-attention as [`crate::attention::attention`]: the same
+/// interleaved qkv layout, rotary tables, key padding, windows, dropout mask
+/// (the same hash of seed, item, head, query and key) and zeroed padded
+/// query rows; softmax over materialised (B, H, N, N) scores.
+pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
+    let (b, n, _) = qkv.dims3()?;
+    let (h, dh) = (opts.n_heads, opts.head_dim);
+    let dev = qkv.device();
+    let (q, k, v) = attention_heads(qkv, opts)?;
     // Scores in the input's dtype; mask and softmax in f32.
     let scores = f32_of(&(q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?)?;
     let lengths = opts.lengths.map_or_else(|| vec![n; b], <[usize]>::to_vec);

@@ -6,6 +6,12 @@ use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaVie
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{bail, CudaStorage, Layout, Result};
 
+/// The PTX of `cuda/attention.cu`.
+pub(crate) const ATTENTION: Module = Module {
+    name: "lcasr-attention",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+};
+
 /// The PTX of `cuda/glu.cu`.
 pub(crate) const GLU: Module = Module {
     name: "lcasr-glu",

@@ -1,11 +1,13 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
 //! exposed as a candle custom op. The kernels run on CPU, and those with a
-//! CUDA version (`cuda/*.cu`, the `cuda` feature: GLU, LayerNorm, RMSNorm) on CUDA
+//! CUDA version (`cuda/*.cu`, the `cuda` feature: attention, GLU, LayerNorm, RMSNorm) on CUDA
 //! devices; elsewhere each op runs as its composition of candle ops
 //! ([`composed`]).
 
 pub mod activation;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
 pub mod batch_renorm;
 pub mod composed;
 pub mod conv2d;

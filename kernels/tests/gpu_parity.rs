@@ -1,8 +1,8 @@
 //! Every fused op on a CUDA device against the same op on the CPU: outputs
 //! and the gradients of every input. Built only with the `cuda` feature and
-//! run on a machine with a GPU (`benches/gpu/run.sh`). Today the CUDA side of
-//! each op is its composition of candle ops (`lcasr_kernels::composed`); the
-//! same test holds the `.cu` kernels to the CPU results once they exist.
+//! run on a machine with a GPU (`benches/gpu/run.sh`). On the GPU an op runs
+//! its `.cu` kernel where it has one (attention, GLU, the norms) and its
+//! composition of candle ops (`lcasr_kernels::composed`) elsewhere.
 #![cfg(feature = "cuda")]
 
 mod ops_support;
@@ -217,31 +217,98 @@ fn batch_renorm_train_and_eval() {
 #[test]
 fn attention_with_rotary_padding_windows_and_dropout() {
     let mut rng = Rng::new(4);
-    let (b, n, h, dh) = (2, 45, 3, 16);
-    let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
-    let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
-    let lengths = [45, 30];
-    for (name, window, dropout) in [
-        ("attention", None, None),
-        ("attention window 5/3", Some((5, 3)), None),
-        ("attention dropout", None, Some((0.1f32, 77u64))),
+    // Head dimensions for each of the CUDA kernel's lane widths (one to four
+    // values per lane, the last lanes idle at 40), sequences of one to seven
+    // 32-key tiles, windows that cross tiles.
+    for (b, n, h, dh, lengths) in [
+        (2, 45, 3, 16, vec![45, 30]),
+        (2, 200, 2, 40, vec![200, 133]),
+        (1, 97, 2, 64, vec![97]),
+        (2, 150, 1, 128, vec![71, 150]),
     ] {
-        let opts = AttentionOptions {
-            n_heads: h,
-            head_dim: dh,
-            rotary: Some((&cos[..], &sin[..])),
-            lengths: Some(&lengths),
-            window_left: window.map(|w: (usize, usize)| w.0),
-            window_right: window.map(|w| w.1),
-            dropout,
-        };
-        parity(
-            name,
-            &mut rng,
-            std::slice::from_ref(&qkv),
-            |t| attention(&t[0], &opts),
-            1e-4,
-        );
+        let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
+        let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+        for (name, window, dropout) in [
+            ("attention", None, None),
+            ("attention window 5/3", Some((5, 3)), None),
+            ("attention window 40/0", Some((40, 0)), None),
+            ("attention dropout", None, Some((0.1f32, 77u64))),
+            (
+                "attention window 33/70 dropout",
+                Some((33, 70)),
+                Some((0.3f32, 5u64)),
+            ),
+        ] {
+            let opts = AttentionOptions {
+                n_heads: h,
+                head_dim: dh,
+                rotary: Some((&cos[..], &sin[..])),
+                lengths: Some(&lengths),
+                window_left: window.map(|w: (usize, usize)| w.0),
+                window_right: window.map(|w| w.1),
+                dropout,
+            };
+            parity(
+                &format!("{name} (B {b}, N {n}, H {h}, Dh {dh})"),
+                &mut rng,
+                std::slice::from_ref(&qkv),
+                |t| attention(&t[0], &opts),
+                1e-4,
+            );
+        }
+    }
+}
+
+/// A sequence whose (H, N, N) scores alone would take 64 GiB: the CUDA
+/// attention must keep memory linear in N. Spot rows of the output are
+/// checked against a direct computation on the host.
+#[test]
+fn attention_memory_is_linear_in_length() {
+    let (n, h, dh) = (65_536, 4, 64);
+    let mut rng = Rng::new(9);
+    let qkv = rng.tensor(&[1, n, 3 * h * dh], -1.0, 1.0);
+    let dev = gpu();
+    let var = Var::from_tensor(&qkv.to_device(&dev).unwrap()).unwrap();
+    let opts = AttentionOptions {
+        n_heads: h,
+        head_dim: dh,
+        ..Default::default()
+    };
+    let out = attention(var.as_tensor(), &opts).unwrap();
+    let grads = out.sum_all().unwrap().backward().unwrap();
+    let grad = grads.get(var.as_tensor()).expect("a gradient");
+    let grad_sum: f32 = grad.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!(
+        grad_sum.is_finite() && grad_sum > 0.0,
+        "gradient sum {grad_sum}"
+    );
+    let x: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+    let at = |t: usize, hd: usize, d: usize, part: usize| {
+        f64::from(x[(t * h * dh + hd * dh + d) * 3 + part])
+    };
+    for i in [0, 31_337, n - 1] {
+        for hd in 0..h {
+            let scores: Vec<f64> = (0..n)
+                .map(|j| {
+                    (0..dh)
+                        .map(|d| at(i, hd, d, 0) * at(j, hd, d, 1))
+                        .sum::<f64>()
+                        / (dh as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for d in 0..dh {
+                let want = (0..n).map(|j| weights[j] * at(j, hd, d, 2)).sum::<f64>() / total;
+                let g = f64::from(got[i * h * dh + hd * dh + d]);
+                assert!(
+                    (g - want).abs() < 1e-4,
+                    "row {i} head {hd} dim {d}: {g} vs {want}"
+                );
+            }
+        }
     }
 }
 

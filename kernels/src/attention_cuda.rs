@@ -1,0 +1,350 @@
+//! The CUDA side of attention (`cuda/attention.cu`): memory linear in the
+//! sequence length. Rotary embedding and the split of the interleaved qkv
+//! into heads are candle ops ([`crate::composed::attention_heads`], their
+//! gradients by autograd); the core op takes the (B, H, N, Dh) heads, keeps
+//! each row's log-sum-exp from the forward, and recomputes the probabilities
+//! in the backward (three kernels: the row deltas, dQ, then dK and dV).
+
+use std::sync::Mutex;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
+
+use super::attention::{AttentionOptions, Problem};
+use crate::cuda::{f32_view, output, storage, ATTENTION};
+
+/// Largest head dimension the kernels take (four values per lane).
+pub(crate) const MAX_HEAD_DIM: usize = 128;
+/// Warps per block (`ATT_WARPS`).
+const WARPS: usize = 4;
+/// Keys (or queries) per streamed tile (`ATT_TILE`).
+const TILE: usize = 32;
+/// Query rows per warp in the forward.
+const FWD_RPW: usize = 4;
+/// Rows per warp in both backward kernels.
+const BWD_RPW: usize = 2;
+
+/// The kernels' `AttShape`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AttShape {
+    n: i64,
+    left: i64,
+    right: i64,
+    seed: u64,
+    heads: i32,
+    dh: i32,
+    threshold: u32,
+    scale: f32,
+    keep_scale: f32,
+    pad: u32,
+}
+
+// SAFETY: a plain `repr(C)` struct of scalars, laid out as the kernels' struct.
+unsafe impl DeviceRepr for AttShape {}
+
+/// Attention of the interleaved `qkv` (B, N, 3*H*Dh) f32 on a CUDA device,
+/// for the validated problem `p`: (B, N, H*Dh), as [`super::attention::attention`].
+pub(crate) fn attention(qkv: &Tensor, p: Problem, opts: &AttentionOptions) -> Result<Tensor> {
+    let (b, n, h, dh) = (p.b, p.n, p.h, p.dh);
+    let (q, k, v) = crate::composed::attention_heads(qkv, opts)?;
+    let core = Core {
+        p,
+        lse: Mutex::new(None),
+    };
+    let o = q
+        .contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, core)?;
+    o.transpose(1, 2)?.reshape((b, n, h * dh))
+}
+
+/// The core op on (B, H, N, Dh) heads; owns the forward's row log-sum-exp.
+struct Core {
+    p: Problem,
+    lse: Mutex<Option<CudaSlice<f32>>>,
+}
+
+impl Core {
+    /// The kernels' shape argument.
+    fn shape(&self) -> AttShape {
+        let p = &self.p;
+        let window = |w: Option<usize>| w.map_or(-1, |w| w.min(i64::MAX as usize) as i64);
+        let (seed, threshold, keep_scale) = p
+            .dropout
+            .map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.keep_scale));
+        AttShape {
+            n: p.n as i64,
+            left: window(p.left),
+            right: window(p.right),
+            seed,
+            heads: p.h as i32,
+            dh: p.dh as i32,
+            threshold,
+            scale: 1.0 / (p.dh as f32).sqrt(),
+            keep_scale,
+            pad: 0,
+        }
+    }
+
+    /// The items' lengths on `dev`.
+    fn lengths(&self, dev: &CudaDevice) -> Result<CudaSlice<i32>> {
+        let lengths: Vec<i32> = self.p.lengths.iter().map(|&l| l as i32).collect();
+        dev.clone_htod(&lengths)
+    }
+
+    /// The kernel `stem` for this head dimension.
+    fn func(
+        &self,
+        dev: &CudaDevice,
+        stem: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+        ATTENTION.func(dev, &format!("{stem}_{}", self.p.dh.div_ceil(32)))
+    }
+
+    /// A launch of `rows_per_warp * WARPS` rows per block over every head,
+    /// with `shared_floats` floats of shared memory.
+    fn grid(&self, rows_per_warp: usize, shared_floats: usize) -> LaunchConfig {
+        let rows = rows_per_warp * WARPS;
+        LaunchConfig {
+            grid_dim: (
+                self.p.n.div_ceil(rows) as u32,
+                (self.p.b * self.p.h) as u32,
+                1,
+            ),
+            block_dim: ((WARPS * 32) as u32, 1, 1),
+            shared_mem_bytes: (shared_floats * 4) as u32,
+        }
+    }
+}
+
+/// Checks that a head tensor has the problem's shape.
+fn check(p: &Problem, l: &Layout, what: &str) -> Result<()> {
+    if l.shape().dims() != [p.b, p.h, p.n, p.dh] {
+        bail!(
+            "attention (cuda): {what} has shape {:?}, expected {:?}",
+            l.shape().dims(),
+            [p.b, p.h, p.n, p.dh]
+        );
+    }
+    Ok(())
+}
+
+impl CustomOp3 for Core {
+    fn name(&self) -> &'static str {
+        "lcasr-attention-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: CPU attention runs its own op", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        for (l, what) in [(ql, "q"), (kl, "k"), (vl, "v")] {
+            check(&self.p, l, what)?;
+        }
+        let (q, dev) = f32_view(qs, ql, op)?;
+        let (k, _) = f32_view(ks, kl, op)?;
+        let (v, _) = f32_view(vs, vl, op)?;
+        let Problem { b, n, h, dh, .. } = self.p;
+        let out = output(dev, b * h * n * dh)?;
+        let lse = output(dev, b * h * n)?;
+        let lengths = self.lengths(dev)?;
+        let shape = self.shape();
+        let func = self.func(dev, "lcasr_attention_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&lengths)
+            .arg(&out)
+            .arg(&lse)
+            .arg(&shape);
+        let shared = (2 * TILE + WARPS * FWD_RPW) * (dh + 1);
+        // SAFETY: reads B*H*N*Dh of q, k, v and B of lengths; writes every
+        // row below N of out (Dh values) and of lse.
+        unsafe { launch.launch(self.grid(FWD_RPW, shared)) }.w()?;
+        *self.lse.lock().expect("attention lse lock") = Some(lse);
+        Ok((storage(out, dev), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dout = grad_res.contiguous()?;
+        let out = res.contiguous()?;
+        let packed = q.apply_op3_no_bwd(
+            k,
+            v,
+            &Grad {
+                core: self,
+                out: &out,
+                dout: &dout,
+            },
+        )?;
+        let size = q.elem_count();
+        let part =
+            |i: usize| -> Result<Tensor> { packed.narrow(0, i * size, size)?.reshape(q.shape()) };
+        Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
+    }
+}
+
+/// The backward of [`Core`] as one op on (q, k, v): dq, dk, dv packed.
+struct Grad<'a> {
+    core: &'a Core,
+    out: &'a Tensor,
+    dout: &'a Tensor,
+}
+
+/// The CUDA storage of a contiguous f32 tensor, read-locked.
+fn cuda_storage<'t>(
+    t: &'t Tensor,
+    what: &str,
+) -> Result<(candle_core::StorageRef<'t>, &'t Layout)> {
+    let (s, l) = t.storage_and_layout();
+    if !matches!(&*s, Storage::Cuda(_)) {
+        bail!("attention (cuda): {what} is not on a CUDA device");
+    }
+    Ok((s, l))
+}
+
+impl CustomOp3 for Grad<'_> {
+    fn name(&self) -> &'static str {
+        "lcasr-attention-grad-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: CPU attention runs its own op", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        qs: &CudaStorage,
+        ql: &Layout,
+        ks: &CudaStorage,
+        kl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let core = self.core;
+        let (os, ol) = cuda_storage(self.out, "the output")?;
+        let (dos, dol) = cuda_storage(self.dout, "the output gradient")?;
+        let (Storage::Cuda(os), Storage::Cuda(dos)) = (&*os, &*dos) else {
+            bail!("{op}: expected CUDA storage");
+        };
+        for (l, what) in [(ql, "q"), (kl, "k"), (vl, "v"), (ol, "out"), (dol, "dout")] {
+            check(&core.p, l, what)?;
+        }
+        let (q, dev) = f32_view(qs, ql, op)?;
+        let (k, _) = f32_view(ks, kl, op)?;
+        let (v, _) = f32_view(vs, vl, op)?;
+        let (o, _) = f32_view(os, ol, op)?;
+        let (dout, _) = f32_view(dos, dol, op)?;
+        let guard = core.lse.lock().expect("attention lse lock");
+        let Some(lse) = guard.as_ref() else {
+            bail!("{op}: backward before forward");
+        };
+        let Problem { b, n, h, dh, .. } = core.p;
+        let size = b * h * n * dh;
+        let rows = b * h * n;
+        let grads = output(dev, 3 * size)?;
+        let delta = output(dev, rows)?;
+        let lengths = core.lengths(dev)?;
+        let shape = core.shape();
+        let stream = dev.cuda_stream();
+        let (rows_arg, dh_arg) = (rows as i64, dh as i32);
+        {
+            let func = ATTENTION.func(dev, "lcasr_attention_delta")?;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&o)
+                .arg(&dout)
+                .arg(&delta)
+                .arg(&rows_arg)
+                .arg(&dh_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (rows.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads rows x Dh of out and dout; writes rows of delta.
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        let dq = grads.slice(0..size);
+        let dk = grads.slice(size..2 * size);
+        let dv = grads.slice(2 * size..3 * size);
+        {
+            let func = core.func(dev, "lcasr_attention_bwd_dq")?;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&dout)
+                .arg(lse)
+                .arg(&delta)
+                .arg(&lengths)
+                .arg(&dq)
+                .arg(&shape);
+            let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1);
+            // SAFETY: reads the heads, dout, lse and delta; writes every row of dq.
+            unsafe { launch.launch(core.grid(BWD_RPW, shared)) }.w()?;
+        }
+        {
+            let func = core.func(dev, "lcasr_attention_bwd_dkv")?;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&q)
+                .arg(&k)
+                .arg(&v)
+                .arg(&dout)
+                .arg(lse)
+                .arg(&delta)
+                .arg(&lengths)
+                .arg(&dk)
+                .arg(&dv)
+                .arg(&shape);
+            let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1) + 3 * TILE;
+            // SAFETY: reads the heads, dout, lse and delta; writes every row of dk and dv.
+            unsafe { launch.launch(core.grid(BWD_RPW, shared)) }.w()?;
+        }
+        Ok((storage(grads, dev), Shape::from(3 * size)))
+    }
+}
