@@ -121,12 +121,16 @@ fn main() {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     println!(
-        "lcasr ({name}, {}{}): train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB",
+        "lcasr ({name}, {}{}): train step B {b} x T {t}: best {:.0} ms, median {:.0} ms, peak RSS {:.0} MiB{}",
         if reference { "d768" } else { "d256" },
         compute_dtype.map_or(String::new(), |d| format!(" {d:?}")),
         times[0],
         times[times.len() / 2],
-        peak_rss_mib()
+        peak_rss_mib(),
+        lcasr::runtime::peak::device_peak(&device).map_or(String::new(), |b| format!(
+            ", peak GPU allocated {:.0} MiB",
+            b as f64 / (1u64 << 20) as f64
+        ))
     );
     let infer_t = env("LCASR_BENCH_INFER_T", 0);
     if infer_t > 0 {

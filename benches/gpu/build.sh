@@ -57,20 +57,25 @@ export RUSTFLAGS="-L native=$PWD/$link"
 export LIBRARY_PATH="$PWD/$link"
 
 echo "== cargo build --release --features cuda (parity test, train-step benchmark)"
-# The executables' paths, from cargo's own report of what it built.
-executables() {
+# The path of executable target $1, from cargo's own report of what it built
+# (building a test or bench builds the package's binaries too).
+executable() {
   python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])'
+    if m.get("reason") == "compiler-artifact" and m.get("executable") \
+            and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$1" | tail -n 1
 }
 parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test gpu_parity \
-  --no-run --message-format=json | executables | tail -n 1)
+  --no-run --message-format=json | executable gpu_parity)
 bench=$(cargo build --locked --release --features cuda --bench model_step \
-  --message-format=json | executables | tail -n 1)
+  --message-format=json | executable model_step)
 cli=$(cargo build --locked --release --features cuda --bin lcasr \
-  --message-format=json | executables | tail -n 1)
+  --message-format=json | executable lcasr)
+for exe in "$parity" "$bench" "$cli"; do
+  [ -x "$exe" ] || { echo "error: cargo reported no executable ($exe)" >&2; exit 1; }
+done
 
 bundle=target/gpu-bundle
 rm -rf "$bundle"

@@ -10,7 +10,9 @@
 #      (issue #10's memory target), with its peak GPU memory;
 #   4. the demo training job (demo.sh's steps) with `--device cuda:0`.
 # Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
-# go to $OUT (the device tool's folder) or target/gpu-results.
+# go to $OUT (the device tool's folder) or target/gpu-results. LCASR_GPU_STEPS
+# picks the parts (default "1 2 3 4"), e.g. LCASR_GPU_STEPS="1 3";
+# LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${1:-target/gpu-bundle}
@@ -21,6 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 # The bundle's programs are xz-compressed (build.sh); unpack them with Python's
 # lzma, which every Python has.
+steps=" ${LCASR_GPU_STEPS:-1 2 3 4} "
+want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 bin=/tmp/lcasr-gpu
 mkdir -p "$bin"
 for b in gpu_parity model_step lcasr; do
@@ -41,11 +45,13 @@ if ldd "$bin/gpu_parity" | grep "not found"; then
   exit 1
 fi
 
-echo "== 1. fused ops on the GPU against the CPU"
-timeout 180 "$bin/gpu_parity" --test-threads 1
-parity=$?
+parity=0
+if want 1; then
+  echo "== 1. fused ops on the GPU against the CPU"
+  timeout 180 "$bin/gpu_parity" --test-threads 1
+  parity=$?
+fi
 
-echo "== 2. training step on the GPU: lcasr vs PyTorch"
 # GPU memory in use, sampled every 100 ms, for lcasr's peak (PyTorch reports
 # its allocator's own peak).
 peak_gpu_mib() {
@@ -55,25 +61,37 @@ peak_gpu_mib() {
   kill "$sampler"
   echo "peak GPU memory in use: $(sort -n "$out/mem.txt" | tail -n 1) MiB"
 }
-export LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5
-for shape in "8 4096" "2 16384" "2 2048"; do
-  set -- $shape
-  export LCASR_BENCH_B=$1 LCASR_BENCH_T=$2
-  timeout 90 python3 "$bundle/model_torch.py"
-  peak_gpu_mib timeout 90 "$bin/model_step"
-done
 
-echo "== 3. one hour of audio: 360,000 frames, the reference d768 model, bf16, every block checkpointed"
-echo "(lcasr memory predicts 30.4 GiB for this step; docs/gpu.md)"
-LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 LCASR_BENCH_DTYPE=bf16 LCASR_BENCH_B=1 \
-  LCASR_BENCH_T=360000 LCASR_BENCH_RUNS=2 peak_gpu_mib timeout 240 "$bin/model_step"
-echo "== 4. the demo training job on the GPU: demo.sh's steps, lcasr train --device cuda:0, 3 epochs"
-lcasr="$bin/lcasr"
-timeout 240 sh -c "set -e
-  $lcasr prepare data/demo/train --out runs/demo-data/train
-  $lcasr prepare data/demo/heldout --out runs/demo-data/heldout
-  $lcasr tokenizer train data/demo/train/transcripts.txt --vocab-size 64 --out runs/demo-data/tokenizer.json
-  $lcasr train configs/demo.yaml --force --device cuda:0 training.max_epochs=3"
-echo "demo training exit status: $?"
+if want 2; then
+  echo "== 2. training step on the GPU: lcasr vs PyTorch"
+  for shape in "8 4096" "2 16384" "2 2048"; do
+    set -- $shape
+    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
+      timeout 90 python3 "$bundle/model_torch.py"
+    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
+      peak_gpu_mib timeout 90 "$bin/model_step"
+  done
+fi
+
+if want 3; then
+  echo "== 3. one hour of audio: 360,000 frames, the reference d768 model, every block checkpointed"
+  echo "(lcasr memory predicts 30.4 GiB for this step in bf16; docs/gpu.md)"
+  for dtype in ${LCASR_GPU_HOUR_DTYPES:-f32 bf16}; do
+    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 \
+      LCASR_BENCH_DTYPE=$dtype LCASR_BENCH_B=1 LCASR_BENCH_T=360000 LCASR_BENCH_RUNS=2 \
+      peak_gpu_mib timeout 150 "$bin/model_step"
+  done
+fi
+
+if want 4; then
+  echo "== 4. the demo training job on the GPU: demo.sh's steps, lcasr train --device cuda:0, 3 epochs"
+  lcasr="$bin/lcasr"
+  timeout 240 sh -c "set -e
+    $lcasr prepare data/demo/train --out runs/demo-data/train
+    $lcasr prepare data/demo/heldout --out runs/demo-data/heldout
+    $lcasr tokenizer train data/demo/train/transcripts.txt --vocab-size 64 --out runs/demo-data/tokenizer.json
+    $lcasr train configs/demo.yaml --force --device cuda:0 training.max_epochs=3"
+  echo "demo training exit status: $?"
+fi
 echo "parity test exit status: $parity"
 exit "$parity"

@@ -114,7 +114,7 @@ pub fn batch_renorm_silu(
     mode: RenormMode,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     if crate::half(x) {
-        return crate::composed::batch_renorm_silu(x, weight, bias, mode);
+        return composed_node(x, weight, bias, mode);
     }
     let op = "batch_renorm_silu";
     check_f32(x, op, "x")?;
@@ -151,7 +151,7 @@ pub fn batch_renorm_silu(
         }
     }
     if !crate::native(x) {
-        return crate::composed::batch_renorm_silu(x, weight, bias, mode);
+        return composed_node(x, weight, bias, mode);
     }
     let x = x.contiguous()?;
     let (renorm, stats) = match mode {
@@ -208,6 +208,76 @@ pub fn batch_renorm_silu(
     };
     let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, renorm)?;
     Ok((y, stats))
+}
+
+/// The composition [`crate::composed::batch_renorm_silu`] as one graph node
+/// that keeps only its inputs and output (see `recompute.rs`).
+fn composed_node(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    mode: RenormMode,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    let (first, stats) =
+        crate::composed::batch_renorm_silu(&x.detach(), &weight.detach(), &bias.detach(), mode)?;
+    let owned = OwnedMode::of(&mode);
+    let y = crate::recompute::node_with(&[x, weight, bias], first, move |t| {
+        Ok(crate::composed::batch_renorm_silu(&t[0], &t[1], &t[2], owned.mode())?.0)
+    })?;
+    Ok((y, stats))
+}
+
+/// A [`RenormMode`] that owns its buffers (for a recomputation in backward;
+/// training mode recomputes the same batch statistics from the same input).
+struct OwnedMode {
+    running_mean: Vec<f32>,
+    running_std: Vec<f32>,
+    /// (rmax, dmax, eps, lengths) in training mode.
+    train: Option<(f32, f32, f32, Option<Vec<usize>>)>,
+}
+
+impl OwnedMode {
+    fn of(mode: &RenormMode) -> Self {
+        match *mode {
+            RenormMode::Train {
+                running_mean,
+                running_std,
+                rmax,
+                dmax,
+                eps,
+                lengths,
+            } => Self {
+                running_mean: running_mean.to_vec(),
+                running_std: running_std.to_vec(),
+                train: Some((rmax, dmax, eps, lengths.map(<[usize]>::to_vec))),
+            },
+            RenormMode::Eval {
+                running_mean,
+                running_std,
+            } => Self {
+                running_mean: running_mean.to_vec(),
+                running_std: running_std.to_vec(),
+                train: None,
+            },
+        }
+    }
+
+    fn mode(&self) -> RenormMode<'_> {
+        match &self.train {
+            Some((rmax, dmax, eps, lengths)) => RenormMode::Train {
+                running_mean: &self.running_mean,
+                running_std: &self.running_std,
+                rmax: *rmax,
+                dmax: *dmax,
+                eps: *eps,
+                lengths: lengths.as_deref(),
+            },
+            None => RenormMode::Eval {
+                running_mean: &self.running_mean,
+                running_std: &self.running_std,
+            },
+        }
+    }
 }
 
 /// Which positions the batch statistics counted, for the backward pass.

@@ -1,12 +1,14 @@
 //! Every fused op of this crate as a composition of candle's differentiable
 //! tensor ops, with the same arguments and the same maths.
 //!
-//! Two uses: the path the fused ops take on a device without a native kernel
-//! (CUDA, until the `.cu` kernels exist: candle has CUDA kernels for every op
-//! used here), and the straightforward reference the fused kernels are tested
-//! against on CPU. These compositions keep every intermediate for the
-//! backward pass, and attention materialises its (B, H, N, N) scores: correct
-//! everywhere, memory-linear nowhere.
+//! Two uses: the path the fused ops take where they have no native kernel
+//! (on a CUDA device: BatchRenorm, softmax and the softmax head, and mixed
+//! precision's half dtypes for the norms and GLU; candle has CUDA kernels for
+//! every op used here), and the straightforward reference the fused kernels
+//! are tested against on CPU. Called directly, a composition keeps every
+//! intermediate for the backward pass, and attention materialises its
+//! (B, H, N, N) scores; the ops' dispatch wraps it in a node that keeps only
+//! its inputs and output and recomputes it in the backward (`recompute.rs`).
 //!
 //! They accept f32, bf16 and f16 alike (mixed precision runs them): norms,
 //! softmax and batch statistics are computed in f32 and cast back, as
@@ -71,6 +73,18 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = xf.broadcast_sub(&max)?.exp()?;
     e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
         .to_dtype(x.dtype())
+}
+
+/// `softmax(x · weightᵀ + bias)` over the last dimension: `x` (.., d),
+/// `weight` (C, d), `bias` (C) -> (.., C).
+pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let c = weight.dim(0)?;
+    let rows = x.elem_count() / d.max(1);
+    let logits = add_bias(&x.reshape((rows, d))?.matmul(&weight.t()?)?, bias)?;
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has a last dimension") = c;
+    softmax_last_dim(&logits.reshape(dims)?)
 }
 
 /// GLU over the last dimension: first half times the sigmoid of the second.

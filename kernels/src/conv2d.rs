@@ -29,8 +29,19 @@ pub fn out_len(len: usize) -> usize {
 /// (B, Cout, (H-1)/2+1, (W-1)/2+1). Gradients flow to all three inputs (to `x` only
 /// when it takes part in a graph). f32 only.
 pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = crate::conv_cuda::try_apply(
+        crate::conv_cuda::Conv::Full { silu: false },
+        x,
+        weight,
+        bias,
+    )? {
+        return Ok(y);
+    }
     if crate::half(x) {
-        return crate::composed::conv2d_k3s2(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::conv2d_k3s2(&t[0], &t[1], &t[2])
+        });
     }
     let op = "conv2d_k3s2";
     let (_b, cin, _h, _w) = check_args(op, x, weight, bias)?;
@@ -42,7 +53,9 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
         );
     }
     if !crate::native(x) {
-        return crate::composed::conv2d_k3s2(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::conv2d_k3s2(&t[0], &t[1], &t[2])
+        });
     }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -54,8 +67,16 @@ pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor>
 /// `silu(conv2d_k3s2(x, weight, bias))` as one op that saves only `x` and its
 /// output; same shapes, gradients and f32 requirement as [`conv2d_k3s2`].
 pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) =
+        crate::conv_cuda::try_apply(crate::conv_cuda::Conv::Full { silu: true }, x, weight, bias)?
+    {
+        return Ok(y);
+    }
     if crate::half(x) {
-        return crate::composed::conv2d_k3s2_silu(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::conv2d_k3s2_silu(&t[0], &t[1], &t[2])
+        });
     }
     let (_b, cin, _h, _w) = check_args("conv2d_k3s2_silu", x, weight, bias)?;
     if weight.dim(1)? != cin {
@@ -65,7 +86,9 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
         );
     }
     if !crate::native(x) {
-        return crate::composed::conv2d_k3s2_silu(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::conv2d_k3s2_silu(&t[0], &t[1], &t[2])
+        });
     }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -78,8 +101,16 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 /// `x` (B, C, H, W), `weight` (C, 1, 3, 3), `bias` (C) -> (B, C, (H-1)/2+1, (W-1)/2+1).
 /// Gradients flow to all three inputs. f32 only.
 pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) =
+        crate::conv_cuda::try_apply(crate::conv_cuda::Conv::Depthwise2d, x, weight, bias)?
+    {
+        return Ok(y);
+    }
     if crate::half(x) {
-        return crate::composed::depthwise_conv2d_k3s2(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::depthwise_conv2d_k3s2(&t[0], &t[1], &t[2])
+        });
     }
     let op = "depthwise_conv2d_k3s2";
     let (_b, c, _h, _w) = check_args(op, x, weight, bias)?;
@@ -90,7 +121,9 @@ pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Resu
         );
     }
     if !crate::native(x) {
-        return crate::composed::depthwise_conv2d_k3s2(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::depthwise_conv2d_k3s2(&t[0], &t[1], &t[2])
+        });
     }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseConv2d)

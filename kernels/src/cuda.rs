@@ -12,6 +12,12 @@ pub(crate) const ATTENTION: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 };
 
+/// The PTX of `cuda/conv.cu`.
+pub(crate) const CONV: Module = Module {
+    name: "lcasr-conv",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/conv.ptx")),
+};
+
 /// The PTX of `cuda/glu.cu`.
 pub(crate) const GLU: Module = Module {
     name: "lcasr-glu",

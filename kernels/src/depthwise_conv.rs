@@ -16,8 +16,16 @@ const ROWS_PER_TASK: usize = 32;
 /// `y[b, t, c] = bias[c] + sum_k weight[c, k] * x[b, t + k - (K-1)/2, c]`, zero outside
 /// [0, T). Gradients flow to all three inputs. f32 only.
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) =
+        crate::conv_cuda::try_apply(crate::conv_cuda::Conv::Depthwise1d, x, weight, bias)?
+    {
+        return Ok(y);
+    }
     if crate::half(x) {
-        return crate::composed::depthwise_conv1d(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::depthwise_conv1d(&t[0], &t[1], &t[2])
+        });
     }
     let op = "depthwise_conv1d";
     check_f32(x, op, "x")?;
@@ -35,7 +43,9 @@ pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
         bail!("{op}: bias must be [{c}], got {:?}", bias.dims());
     }
     if !crate::native(x) {
-        return crate::composed::depthwise_conv1d(x, weight, bias);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::depthwise_conv1d(&t[0], &t[1], &t[2])
+        });
     }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, DepthwiseConv1d)

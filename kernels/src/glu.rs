@@ -13,7 +13,7 @@ const ROWS_PER_TASK: usize = 64;
 /// `x[.., :n] * sigmoid(x[.., n:])`. f32 only; gradient flows to `x`.
 pub fn glu(x: &Tensor) -> Result<Tensor> {
     if crate::half(x) {
-        return crate::composed::glu(x);
+        return crate::recompute::node(&[x], |t| crate::composed::glu(&t[0]));
     }
     check_f32(x, "glu", "x")?;
     match x.dims().last() {
@@ -24,7 +24,7 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
         ),
     }
     if !(crate::native(x) || crate::native_cuda(x)) {
-        return crate::composed::glu(x);
+        return crate::recompute::node(&[x], |t| crate::composed::glu(&t[0]));
     }
     x.contiguous()?.apply_op1(Glu)
 }

@@ -1,8 +1,9 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
 //! exposed as a candle custom op. The kernels run on CPU, and those with a
-//! CUDA version (`cuda/*.cu`, the `cuda` feature: attention, GLU, LayerNorm, RMSNorm) on CUDA
-//! devices; elsewhere each op runs as its composition of candle ops
-//! ([`composed`]).
+//! CUDA version (`cuda/*.cu`, the `cuda` feature: attention, the
+//! convolutions, GLU, LayerNorm, RMSNorm) on CUDA devices; elsewhere each op
+//! runs as its composition of candle ops ([`composed`]), recomputed in the
+//! backward so that it keeps no more memory than a kernel.
 
 pub mod activation;
 pub mod attention;
@@ -11,6 +12,8 @@ mod attention_cuda;
 pub mod batch_renorm;
 pub mod composed;
 pub mod conv2d;
+#[cfg(feature = "cuda")]
+mod conv_cuda;
 mod cpu_f32;
 pub mod ctc;
 #[cfg(feature = "cuda")]
@@ -20,6 +23,7 @@ pub mod glu;
 pub mod norm;
 #[cfg(feature = "cuda")]
 mod norm_cuda;
+mod recompute;
 pub mod rotary;
 pub mod softmax;
 

@@ -16,7 +16,9 @@ const ROWS_PER_TASK: usize = 64;
 /// dimension. Gradients flow to all three inputs. f32 only.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     if crate::half(x) {
-        return crate::composed::layer_norm(x, weight, bias, eps);
+        return crate::recompute::node(&[x, weight, bias], move |t| {
+            crate::composed::layer_norm(&t[0], &t[1], &t[2], eps)
+        });
     }
     let op = "layer_norm";
     let d = check_norm_args(op, x, weight)?;
@@ -25,7 +27,9 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         bail!("{op}: bias shape {:?} must be [{d}]", bias.dims());
     }
     if !(crate::native(x) || crate::native_cuda(x)) {
-        return crate::composed::layer_norm(x, weight, bias, eps);
+        return crate::recompute::node(&[x, weight, bias], move |t| {
+            crate::composed::layer_norm(&t[0], &t[1], &t[2], eps)
+        });
     }
     x.contiguous()?.apply_op3(
         &weight.contiguous()?,
@@ -38,11 +42,15 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// Gradients flow to `x` and `weight`. f32 only.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if crate::half(x) {
-        return crate::composed::rms_norm(x, weight, eps);
+        return crate::recompute::node(&[x, weight], move |t| {
+            crate::composed::rms_norm(&t[0], &t[1], eps)
+        });
     }
     check_norm_args("rms_norm", x, weight)?;
     if !(crate::native(x) || crate::native_cuda(x)) {
-        return crate::composed::rms_norm(x, weight, eps);
+        return crate::recompute::node(&[x, weight], move |t| {
+            crate::composed::rms_norm(&t[0], &t[1], eps)
+        });
     }
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })

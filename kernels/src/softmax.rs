@@ -31,7 +31,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         return Ok(x.clone());
     }
     if x.dtype() != DType::F32 || !crate::native(x) {
-        return crate::composed::softmax_last_dim(x);
+        return crate::recompute::node(&[x], |t| crate::composed::softmax_last_dim(&t[0]));
     }
     x.contiguous()?.apply_op1(Softmax)
 }
@@ -138,12 +138,9 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
         .iter()
         .all(|t| t.dtype() == DType::F32 && crate::native(t));
     if !fused || d == 0 || c == 0 {
-        let rows = x.elem_count() / d.max(1);
-        let logits = x.reshape((rows, d))?.matmul(&weight.t()?)?;
-        let logits = crate::composed::add_bias(&logits, bias)?;
-        let mut dims = x.dims().to_vec();
-        *dims.last_mut().expect("rank checked") = c;
-        return softmax_last_dim(&logits.reshape(dims)?);
+        return crate::recompute::node(&[x, weight, bias], |t| {
+            crate::composed::linear_softmax(&t[0], &t[1], &t[2])
+        });
     }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearSoftmax)

@@ -1,8 +1,9 @@
 //! Every fused op on a CUDA device against the same op on the CPU: outputs
 //! and the gradients of every input. Built only with the `cuda` feature and
 //! run on a machine with a GPU (`benches/gpu/run.sh`). On the GPU an op runs
-//! its `.cu` kernel where it has one (attention, GLU, the norms) and its
-//! composition of candle ops (`lcasr_kernels::composed`) elsewhere.
+//! its `.cu` kernel where it has one (attention, the convolutions, GLU, the
+//! norms) and its composition of candle ops (`lcasr_kernels::composed`)
+//! elsewhere.
 #![cfg(feature = "cuda")]
 
 mod ops_support;
@@ -137,43 +138,58 @@ fn norms_and_activations() {
 #[test]
 fn convolutions() {
     let mut rng = Rng::new(2);
-    let x = rng.tensor(&[2, 37, 24], -1.0, 1.0);
-    let w = rng.tensor(&[24, 9], -0.5, 0.5);
-    let b = rng.tensor(&[24], -0.5, 0.5);
-    parity(
-        "depthwise_conv1d",
-        &mut rng,
-        &[x, w, b],
-        |t| depthwise_conv1d(&t[0], &t[1], &t[2]),
-        1e-4,
-    );
-    let x = rng.tensor(&[2, 1, 25, 20], -1.0, 1.0);
-    let w = rng.tensor(&[8, 1, 3, 3], -0.5, 0.5);
-    let b = rng.tensor(&[8], -0.5, 0.5);
-    parity(
-        "conv2d_k3s2",
-        &mut rng,
-        &[x.clone(), w.clone(), b.clone()],
-        |t| conv2d_k3s2(&t[0], &t[1], &t[2]),
-        1e-4,
-    );
-    parity(
-        "conv2d_k3s2_silu",
-        &mut rng,
-        &[x, w, b],
-        |t| conv2d_k3s2_silu(&t[0], &t[1], &t[2]),
-        1e-4,
-    );
-    let x = rng.tensor(&[2, 8, 13, 10], -1.0, 1.0);
-    let w = rng.tensor(&[8, 1, 3, 3], -0.5, 0.5);
-    let b = rng.tensor(&[8], -0.5, 0.5);
-    parity(
-        "depthwise_conv2d_k3s2",
-        &mut rng,
-        &[x, w, b],
-        |t| depthwise_conv2d_k3s2(&t[0], &t[1], &t[2]),
-        1e-4,
-    );
+    // Short and long sequences (the weight gradient's partial sums cover
+    // 1 to 6 rows each), kernel widths 9 and 31.
+    for (dims, k) in [([2, 37, 24], 9), ([2, 700, 40], 31), ([1, 1500, 16], 9)] {
+        let x = rng.tensor(&dims, -1.0, 1.0);
+        let w = rng.tensor(&[dims[2], k], -0.5, 0.5);
+        let b = rng.tensor(&[dims[2]], -0.5, 0.5);
+        parity(
+            &format!("depthwise_conv1d {dims:?} k {k}"),
+            &mut rng,
+            &[x, w, b],
+            |t| depthwise_conv1d(&t[0], &t[1], &t[2]),
+            1e-4,
+        );
+    }
+    // Odd and even heights and widths; 1 and 3 input channels run the CUDA
+    // kernel, 6 the composition.
+    for dims in [
+        [2, 1, 25, 20],
+        [1, 3, 16, 11],
+        [2, 6, 9, 8],
+        [1, 1, 301, 80],
+    ] {
+        let x = rng.tensor(&dims, -1.0, 1.0);
+        let w = rng.tensor(&[8, dims[1], 3, 3], -0.5, 0.5);
+        let b = rng.tensor(&[8], -0.5, 0.5);
+        parity(
+            &format!("conv2d_k3s2 {dims:?}"),
+            &mut rng,
+            &[x.clone(), w.clone(), b.clone()],
+            |t| conv2d_k3s2(&t[0], &t[1], &t[2]),
+            1e-4,
+        );
+        parity(
+            &format!("conv2d_k3s2_silu {dims:?}"),
+            &mut rng,
+            &[x, w, b],
+            |t| conv2d_k3s2_silu(&t[0], &t[1], &t[2]),
+            1e-4,
+        );
+    }
+    for dims in [[2, 8, 13, 10], [1, 4, 301, 40], [3, 2, 6, 7]] {
+        let x = rng.tensor(&dims, -1.0, 1.0);
+        let w = rng.tensor(&[dims[1], 1, 3, 3], -0.5, 0.5);
+        let b = rng.tensor(&[dims[1]], -0.5, 0.5);
+        parity(
+            &format!("depthwise_conv2d_k3s2 {dims:?}"),
+            &mut rng,
+            &[x, w, b],
+            |t| depthwise_conv2d_k3s2(&t[0], &t[1], &t[2]),
+            1e-4,
+        );
+    }
 }
 
 #[test]

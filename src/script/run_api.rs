@@ -752,17 +752,30 @@ pub mod run_module {
         }
     }
 
-    /// The process's peak resident memory in bytes since it started or since
-    /// the last `reset_peak_memory()` (Linux; `()` elsewhere). In a
-    /// data-parallel CPU run the ranks share one process and one peak.
+    /// Peak memory in bytes since the process started or since the last
+    /// `reset_peak_memory()`: on a CUDA device the most GPU memory tensors
+    /// held at once, on the CPU the process's peak resident memory (Linux;
+    /// `()` elsewhere). In a data-parallel CPU run the ranks share one
+    /// process and one peak.
     pub fn peak_memory() -> Dynamic {
-        crate::runtime::peak::peak().map_or(Dynamic::UNIT, |b| Dynamic::from(b as i64))
+        let dev = session::device();
+        let bytes = if dev.is_cpu() {
+            crate::runtime::peak::peak()
+        } else {
+            crate::runtime::peak::device_peak(&dev)
+        };
+        bytes.map_or(Dynamic::UNIT, |b| Dynamic::from(b as i64))
     }
 
-    /// Starts a new `peak_memory()` from the current resident memory; false
-    /// where the system does not allow it.
+    /// Starts a new `peak_memory()` from the memory in use now; false where
+    /// the system does not allow it.
     pub fn reset_peak_memory() -> bool {
-        crate::runtime::peak::reset_peak()
+        let dev = session::device();
+        if dev.is_cpu() {
+            crate::runtime::peak::reset_peak()
+        } else {
+            crate::runtime::peak::reset_device_peak(&dev)
+        }
     }
 
     /// Bytes as text: `1.25 GiB`, or MiB below one GiB.

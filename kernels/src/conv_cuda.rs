@@ -1,0 +1,441 @@
+//! The CUDA side of the convolutions (`cuda/conv.cu`): depthwise conv1d,
+//! depthwise conv2d k3 s2 and conv2d k3 s2 (with optional SiLU) on f32. Each
+//! runs as one op whose backward is a second op packing the input gradient
+//! and the per-block partial sums of the weight and bias gradients, which are
+//! then added up (no atomics: deterministic).
+
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+use crate::conv2d::out_len;
+use crate::cuda::{f32_view, grid, output, storage, CONV};
+
+/// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
+const THREADS: u32 = 256;
+/// Most partial sums of the depthwise conv1d weight gradient.
+const MAX_PARTS: usize = 256;
+/// Largest input channel count the conv2d kernel takes (it loops over them
+/// per output; wider inputs take the composition).
+pub(crate) const MAX_CONV2D_CIN: usize = 4;
+
+/// Which convolution.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Conv {
+    /// Depthwise conv1d on (B, T, C), weight (C, K).
+    Depthwise1d,
+    /// Depthwise conv2d k3 s2 on (B, C, H, W), weight (C, 1, 3, 3).
+    Depthwise2d,
+    /// Conv2d k3 s2 on (B, Cin, H, W), weight (Cout, Cin, 3, 3), then SiLU if set.
+    Full {
+        /// Apply SiLU to the output.
+        silu: bool,
+    },
+}
+
+/// The kernels' `ConvShape`, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct ConvShape {
+    batch: i64,
+    cin: i32,
+    cout: i32,
+    h: i32,
+    wd: i32,
+    ho: i32,
+    wo: i32,
+    silu: i32,
+    pad: i32,
+}
+
+// SAFETY: a plain `repr(C)` struct of scalars, laid out as the kernels' struct.
+unsafe impl DeviceRepr for ConvShape {}
+
+/// `conv` by its CUDA kernel when `x` is on a CUDA device (bf16 and f16
+/// computed in f32 and cast back); `None` where another path must run it
+/// (not CUDA, the composed path forced, or a conv2d wider than
+/// [`MAX_CONV2D_CIN`] input channels).
+pub(crate) fn try_apply(
+    conv: Conv,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() {
+        return Ok(None);
+    }
+    check(conv, x, weight, bias)?;
+    if matches!(conv, Conv::Full { .. }) && x.dim(1)? > MAX_CONV2D_CIN {
+        return Ok(None);
+    }
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let xf = f32_of(x)?;
+    if !crate::native_cuda(&xf) {
+        return Ok(None);
+    }
+    let y = xf.apply_op3(&f32_of(weight)?, &f32_of(bias)?, ConvOp(conv))?;
+    Ok(Some(y.to_dtype(x.dtype())?))
+}
+
+/// The shapes the kernels rely on.
+fn check(conv: Conv, x: &Tensor, w: &Tensor, b: &Tensor) -> Result<()> {
+    let ok = match conv {
+        Conv::Depthwise1d => {
+            let (_, _, c) = x.dims3()?;
+            let (wc, k) = w.dims2()?;
+            wc == c && k % 2 == 1 && b.dims() == [c]
+        }
+        Conv::Depthwise2d => {
+            let (_, c, h, wd) = x.dims4()?;
+            w.dims() == [c, 1, 3, 3] && b.dims() == [c] && h > 0 && wd > 0
+        }
+        Conv::Full { .. } => {
+            let (_, cin, h, wd) = x.dims4()?;
+            let (cout, wcin, kh, kw) = w.dims4()?;
+            (wcin, kh, kw) == (cin, 3, 3) && b.dims() == [cout] && h > 0 && wd > 0
+        }
+    };
+    if !ok {
+        bail!(
+            "{conv:?} convolution: x {:?}, weight {:?} and bias {:?} do not fit",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        );
+    }
+    Ok(())
+}
+
+/// Dimensions of one call.
+struct Dims {
+    /// The input's dims.
+    x: Vec<usize>,
+    /// The weight's dims.
+    w: Vec<usize>,
+}
+
+impl Dims {
+    fn new(xl: &Layout, wl: &Layout) -> Self {
+        Self {
+            x: xl.dims().to_vec(),
+            w: wl.dims().to_vec(),
+        }
+    }
+
+    /// Output dims of `conv`.
+    fn out(&self, conv: Conv) -> Vec<usize> {
+        match conv {
+            Conv::Depthwise1d => self.x.clone(),
+            Conv::Depthwise2d => vec![self.x[0], self.x[1], out_len(self.x[2]), out_len(self.x[3])],
+            Conv::Full { .. } => vec![self.x[0], self.w[0], out_len(self.x[2]), out_len(self.x[3])],
+        }
+    }
+
+    /// The conv2d kernels' shape argument.
+    fn shape(&self, silu: bool) -> ConvShape {
+        ConvShape {
+            batch: self.x[0] as i64,
+            cin: self.x[1] as i32,
+            cout: self.w[0] as i32,
+            h: self.x[2] as i32,
+            wd: self.x[3] as i32,
+            ho: out_len(self.x[2]) as i32,
+            wo: out_len(self.x[3]) as i32,
+            silu: i32::from(silu),
+            pad: 0,
+        }
+    }
+
+    /// Rows (B*T) per partial sum of the depthwise conv1d weight gradient, and the partial count.
+    fn parts_1d(&self) -> (usize, usize) {
+        let rows = self.x[0] * self.x[1];
+        let per = rows.div_ceil(MAX_PARTS).max(1);
+        (per, rows.div_ceil(per).max(1))
+    }
+
+    /// Length of the packed partial sums of the weight and bias gradients.
+    fn partial_len(&self, conv: Conv) -> usize {
+        match conv {
+            Conv::Depthwise1d => self.parts_1d().1 * (self.w[1] + 1) * self.x[2],
+            Conv::Depthwise2d => self.x[0] * self.x[1] * 10,
+            Conv::Full { .. } => self.x[0] * self.w[0] * (self.x[1] * 9 + 1),
+        }
+    }
+}
+
+/// One block per plane of `planes`.
+fn plane_grid(planes: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (planes.max(1) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launches kernel `$func` of conv.cu on `$dev` with `$cfg` and the arguments.
+macro_rules! launch {
+    ($dev:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = CONV.func($dev, $func)?;
+        let stream = $dev.cuda_stream();
+        let mut args = stream.launch_builder(&f);
+        $(args.arg($arg);)+
+        // SAFETY: every kernel of conv.cu reads within the tensors whose sizes
+        // its integer arguments describe and writes each element of its
+        // outputs once.
+        unsafe { args.launch($cfg) }.w()?;
+    }};
+}
+
+/// The forward op.
+struct ConvOp(Conv);
+
+impl CustomOp3 for ConvOp {
+    fn name(&self) -> &'static str {
+        "lcasr-conv-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: the CPU convolutions run their own ops", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (x, dev) = f32_view(xs, xl, op)?;
+        let (w, _) = f32_view(ws, wl, op)?;
+        let (b, _) = f32_view(bs, bl, op)?;
+        let d = Dims::new(xl, wl);
+        let out_dims = d.out(self.0);
+        let n: usize = out_dims.iter().product();
+        let y = output(dev, n)?;
+        match self.0 {
+            Conv::Depthwise1d => {
+                let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
+                let (c, k) = (d.x[2] as i32, d.w[1] as i32);
+                launch!(
+                    dev,
+                    "lcasr_dwconv1d_fwd",
+                    grid(n),
+                    &x,
+                    &w,
+                    &b,
+                    &y,
+                    &rows,
+                    &t_len,
+                    &c,
+                    &k
+                );
+            }
+            Conv::Depthwise2d => {
+                let s = d.shape(false);
+                let planes = (d.x[0] * d.x[1]) as i64;
+                launch!(
+                    dev,
+                    "lcasr_dwconv2d_fwd",
+                    grid(n),
+                    &x,
+                    &w,
+                    &b,
+                    &y,
+                    &planes,
+                    &s.cin,
+                    &s.h,
+                    &s.wd,
+                    &s.ho,
+                    &s.wo
+                );
+            }
+            Conv::Full { silu } => {
+                let s = d.shape(silu);
+                launch!(dev, "lcasr_conv2d_fwd", grid(n), &x, &w, &b, &y, &s);
+            }
+        }
+        Ok((storage(y, dev), Shape::from(out_dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let packed = x.apply_op3_no_bwd(weight, &dy, &ConvGrad { conv: self.0, bias })?;
+        let n = x.elem_count();
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let parts = packed.narrow(0, n, packed.elem_count() - n)?;
+        let (dw, db) = match self.0 {
+            Conv::Depthwise1d => {
+                let (c, k) = weight.dims2()?;
+                let sums = parts.reshape(((), (k + 1) * c))?.sum(0)?;
+                let dw = sums
+                    .narrow(0, 0, k * c)?
+                    .reshape((k, c))?
+                    .t()?
+                    .contiguous()?;
+                (dw, sums.narrow(0, k * c, c)?)
+            }
+            Conv::Depthwise2d | Conv::Full { .. } => {
+                let (cout, cin) = (weight.dim(0)?, weight.dim(1)?);
+                let sums = parts.reshape(((), cout, cin * 9 + 1))?.sum(0)?;
+                let dw = sums
+                    .narrow(1, 0, cin * 9)?
+                    .contiguous()?
+                    .reshape(weight.shape())?;
+                (dw, sums.narrow(1, cin * 9, 1)?.contiguous()?.reshape(cout)?)
+            }
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// The backward of [`ConvOp`] as one op on (x, weight, dy): dx, then the
+/// partial sums of the weight and bias gradients.
+struct ConvGrad<'a> {
+    conv: Conv,
+    /// The bias (the fused SiLU's backward recomputes the pre-activation).
+    bias: &'a Tensor,
+}
+
+impl CustomOp3 for ConvGrad<'_> {
+    fn name(&self) -> &'static str {
+        "lcasr-conv-grad-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: the CPU convolutions run their own ops", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let bias = self.bias.contiguous()?;
+        let (bs, bl) = bias.storage_and_layout();
+        let Storage::Cuda(bs) = &*bs else {
+            bail!("{op}: the bias is not on a CUDA device");
+        };
+        let (x, dev) = f32_view(xs, xl, op)?;
+        let (w, _) = f32_view(ws, wl, op)?;
+        let (dy, _) = f32_view(gs, gl, op)?;
+        let (b, _) = f32_view(bs, bl, op)?;
+        let d = Dims::new(xl, wl);
+        let n = xl.shape().elem_count();
+        let total = n + d.partial_len(self.conv);
+        let out = output(dev, total)?;
+        let dx = out.slice(0..n);
+        let part = out.slice(n..total);
+        match self.conv {
+            Conv::Depthwise1d => {
+                let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
+                let (c, k) = (d.x[2] as i32, d.w[1] as i32);
+                let (per, parts) = d.parts_1d();
+                let per = per as i64;
+                launch!(
+                    dev,
+                    "lcasr_dwconv1d_dx",
+                    grid(n),
+                    &dy,
+                    &w,
+                    &dx,
+                    &rows,
+                    &t_len,
+                    &c,
+                    &k
+                );
+                launch!(
+                    dev,
+                    "lcasr_dwconv1d_dw",
+                    plane_grid(parts),
+                    &x,
+                    &dy,
+                    &part,
+                    &rows,
+                    &t_len,
+                    &c,
+                    &k,
+                    &per
+                );
+            }
+            Conv::Depthwise2d => {
+                let s = d.shape(false);
+                let planes = (d.x[0] * d.x[1]) as i64;
+                launch!(
+                    dev,
+                    "lcasr_dwconv2d_dx",
+                    grid(n),
+                    &dy,
+                    &w,
+                    &dx,
+                    &planes,
+                    &s.cin,
+                    &s.h,
+                    &s.wd,
+                    &s.ho,
+                    &s.wo
+                );
+                launch!(
+                    dev,
+                    "lcasr_dwconv2d_dw",
+                    plane_grid(d.x[0] * d.x[1]),
+                    &x,
+                    &dy,
+                    &part,
+                    &s.h,
+                    &s.wd,
+                    &s.ho,
+                    &s.wo
+                );
+            }
+            Conv::Full { silu } => {
+                let s = d.shape(silu);
+                launch!(dev, "lcasr_conv2d_dx", grid(n), &x, &w, &b, &dy, &dx, &s);
+                launch!(
+                    dev,
+                    "lcasr_conv2d_dw",
+                    plane_grid(d.x[0] * d.w[0]),
+                    &x,
+                    &w,
+                    &b,
+                    &dy,
+                    &part,
+                    &s
+                );
+            }
+        }
+        Ok((storage(out, dev), Shape::from(total)))
+    }
+}

@@ -1,0 +1,217 @@
+//! A composition of candle ops as one graph node that keeps only its inputs
+//! and its output, the way a fused kernel does.
+//!
+//! candle's autograd keeps every intermediate tensor of a composition until
+//! the whole backward pass ends (PyTorch frees each op's saved tensors as its
+//! backward runs), so a composed BatchRenorm or softmax head holds several
+//! times the memory of its fused kernel. Where an op has no native kernel on
+//! its device, it runs its composition through [`node`]: the forward runs it
+//! on detached inputs (nothing recorded), and the backward runs it again on
+//! the saved inputs, with a graph, and back-propagates the incoming gradient
+//! through that small graph: op-level activation checkpointing.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Storage,
+    Tensor, Var,
+};
+
+/// A composition of one to three tensors.
+type Composition = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync>;
+
+/// `f(inputs)` as one node that keeps `inputs` and the output only; without
+/// a graph to record (no input tracks gradients), just `f(inputs)`.
+pub(crate) fn node(
+    inputs: &[&Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+    let first = f(&detached)?;
+    node_with(inputs, first, f)
+}
+
+/// [`node`] for a caller that has already run the composition on detached
+/// `inputs` (e.g. for a by-product of it) and passes its output as `first`.
+pub(crate) fn node_with(
+    inputs: &[&Tensor],
+    first: Tensor,
+    f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !inputs.iter().any(|t| t.track_op()) {
+        return Ok(first);
+    }
+    let op = Recompute {
+        f: Box::new(f),
+        first: Mutex::new(Some(first)),
+    };
+    match inputs {
+        [a] => a.apply_op1(op),
+        [a, b] => a.apply_op2(b, op),
+        [a, b, c] => a.apply_op3(b, c, op),
+        _ => bail!("recompute: 1 to 3 inputs, got {}", inputs.len()),
+    }
+}
+
+/// The node: the composition, and its first output until the forward takes it.
+struct Recompute {
+    f: Composition,
+    first: Mutex<Option<Tensor>>,
+}
+
+impl Recompute {
+    /// The first output's storage, exactly its elements (a fresh copy).
+    fn take_first(&self) -> Result<(Storage, Shape)> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Error::Msg("recompute: forward ran twice".into()))?;
+        // A fresh contiguous tensor at offset 0 whose storage is exactly its elements.
+        let fresh = first.affine(1.0, 0.0)?;
+        let (storage, layout) = fresh.storage_and_layout();
+        let copy = match &*storage {
+            Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
+            _ => bail!("recompute: unsupported device"),
+        };
+        Ok((copy, fresh.shape().clone()))
+    }
+
+    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+        match self.take_first()? {
+            (Storage::Cpu(s), shape) => Ok((s, shape)),
+            _ => bail!("recompute: the composition ran on another device than its inputs"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+        match self.take_first()? {
+            (Storage::Cuda(s), shape) => Ok((s, shape)),
+            _ => bail!("recompute: the composition ran on another device than its inputs"),
+        }
+    }
+
+    /// The gradients of `inputs` for the output gradient `grad`, by running
+    /// the composition again with a graph.
+    fn grads(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let vars = inputs
+            .iter()
+            .map(|t| Var::from_tensor(&t.detach()))
+            .collect::<Result<Vec<_>>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = (self.f)(&tensors)?;
+        let mut grads = (y * grad.detach())?.sum_all()?.backward()?;
+        Ok(vars.iter().map(|v| grads.remove(v.as_tensor())).collect())
+    }
+}
+
+const NAME: &str = "lcasr-recomputed-composition";
+
+impl CustomOp1 for Recompute {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn bwd(&self, a: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.grads(&[a], grad)?.remove(0))
+    }
+}
+
+impl CustomOp2 for Recompute {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.grads(&[a, b], grad)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten()))
+    }
+}
+
+impl CustomOp3 for Recompute {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda()
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let mut g = self.grads(&[a, b, c], grad)?.into_iter();
+        Ok((g.next().flatten(), g.next().flatten(), g.next().flatten()))
+    }
+}
