@@ -16,6 +16,10 @@ use rayon::prelude::*;
 
 use crate::cpu_f32::{check_f32, cpu_slices3, multiversion, sigmoid, to_vec_f32, with_f32};
 
+#[cfg(feature = "cuda")]
+#[path = "batch_renorm_cuda.rs"]
+mod cuda;
+
 /// Time steps handled by one rayon task.
 const ROWS_PER_TASK: usize = 64;
 
@@ -150,7 +154,9 @@ pub fn batch_renorm_silu(
             bail!("{op}: lengths {l:?} must be {b} values <= T = {t}");
         }
     }
-    if !crate::native(x) {
+    // The CUDA kernels take unsynchronised statistics only.
+    let on_cuda = crate::native_cuda(x) && !stats_reducer_installed();
+    if !crate::native(x) && !on_cuda {
         return composed_node(x, weight, bias, mode);
     }
     let x = x.contiguous()?;
@@ -177,9 +183,13 @@ pub fn batch_renorm_silu(
                 Some(l) => l.to_vec(),
             };
             let reducer = installed_reducer();
-            let (mean, sigma, count) = with_f32(&x, op, |xs| {
-                batch_moments(xs, c, t, &valid, reducer.as_deref())
-            })?;
+            let (mean, sigma, count) = if on_cuda {
+                moments_on_device(&x, t, &valid)?
+            } else {
+                with_f32(&x, op, |xs| {
+                    batch_moments(xs, c, t, &valid, reducer.as_deref())
+                })?
+            };
             let std: Vec<f32> = sigma.iter().map(|s| s + eps).collect();
             let r = std
                 .iter()
@@ -208,6 +218,24 @@ pub fn batch_renorm_silu(
     };
     let y = x.apply_op3(&weight.contiguous()?, &bias.contiguous()?, renorm)?;
     Ok((y, stats))
+}
+
+/// Per-channel mean and sqrt(biased variance) over the counted positions of
+/// `x` on a CUDA device, and their number.
+fn moments_on_device(
+    x: &Tensor,
+    t_len: usize,
+    valid: &[usize],
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::batch_moments(x, t_len, valid)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, t_len, valid);
+        bail!("batch_renorm_silu: built without CUDA")
+    }
 }
 
 /// The composition [`crate::composed::batch_renorm_silu`] as one graph node
@@ -499,6 +527,19 @@ impl CustomOp3 for Renorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::forward(self, (xs, xl), (ws, wl), (bs, bl))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -507,6 +548,10 @@ impl CustomOp3 for Renorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return cuda::backward(self, x, weight, bias, grad);
+        }
         let op = self.name();
         let (w, bs) = (to_vec_f32(weight, op)?, to_vec_f32(bias, op)?);
         let c = w.len();
@@ -574,21 +619,18 @@ impl CustomOp3 for Renorm {
 }
 
 impl Renorm {
-    /// Adds the gradient that flows through the batch mean and std to the counted rows.
-    /// With g = dL/dxhat = dz * r * w: dL/dmean = -sum(g) / std and
+    /// The per-channel coefficients (k1, k2) of the gradient that flows
+    /// through the batch mean and std: counted row j gains k1 + k2 * (x_j -
+    /// mean). With g = dL/dxhat = dz * r * w: dL/dmean = -sum(g) / std and
     /// dL/dstd = -sum(g * xhat) / std, where sum(g) = r*w*dbias and
     /// sum(g * xhat) = w * (dweight - d * dbias).
-    #[allow(clippy::too_many_arguments)]
-    fn add_stats_grad(
+    fn stats_grad_coefs(
         &self,
-        x: &[f32],
-        dx: &mut [f32],
         w: &[f32],
         dw: &[f64],
         db: &[f64],
         info: &BatchInfo,
-        t_len: usize,
-    ) {
+    ) -> (Vec<f32>, Vec<f32>) {
         let c = w.len();
         let n = info.count as f64;
         let mut k1 = vec![0.0f32; c];
@@ -609,6 +651,24 @@ impl Renorm {
                 0.0
             };
         }
+        (k1, k2)
+    }
+
+    /// Adds the gradient that flows through the batch mean and std to the
+    /// counted rows ([`Renorm::stats_grad_coefs`]).
+    #[allow(clippy::too_many_arguments)]
+    fn add_stats_grad(
+        &self,
+        x: &[f32],
+        dx: &mut [f32],
+        w: &[f32],
+        dw: &[f64],
+        db: &[f64],
+        info: &BatchInfo,
+        t_len: usize,
+    ) {
+        let c = w.len();
+        let (k1, k2) = self.stats_grad_coefs(w, dw, db, info);
         dx.par_chunks_mut(c * ROWS_PER_TASK)
             .zip(x.par_chunks(c * ROWS_PER_TASK))
             .enumerate()

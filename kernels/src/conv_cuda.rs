@@ -4,19 +4,17 @@
 //! and the per-block partial sums of the weight and bias gradients, which are
 //! then added up (no atomics: deterministic).
 
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 use crate::conv2d::out_len;
-use crate::cuda::{f32_view, grid, output, storage, CONV};
+use crate::cuda::{block_grid, f32_view, grid, launch, output, row_parts, storage, CONV};
 
 /// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
 const THREADS: u32 = 256;
-/// Most partial sums of the depthwise conv1d weight gradient.
-const MAX_PARTS: usize = 256;
 /// Largest input channel count the conv2d kernel takes (it loops over them
 /// per output; wider inputs take the composition).
 pub(crate) const MAX_CONV2D_CIN: usize = 4;
@@ -150,9 +148,7 @@ impl Dims {
 
     /// Rows (B*T) per partial sum of the depthwise conv1d weight gradient, and the partial count.
     fn parts_1d(&self) -> (usize, usize) {
-        let rows = self.x[0] * self.x[1];
-        let per = rows.div_ceil(MAX_PARTS).max(1);
-        (per, rows.div_ceil(per).max(1))
+        row_parts(self.x[0] * self.x[1])
     }
 
     /// Length of the packed partial sums of the weight and bias gradients.
@@ -163,29 +159,6 @@ impl Dims {
             Conv::Full { .. } => self.x[0] * self.w[0] * (self.x[1] * 9 + 1),
         }
     }
-}
-
-/// One block per plane of `planes`.
-fn plane_grid(planes: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (planes.max(1) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// Launches kernel `$func` of conv.cu on `$dev` with `$cfg` and the arguments.
-macro_rules! launch {
-    ($dev:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = CONV.func($dev, $func)?;
-        let stream = $dev.cuda_stream();
-        let mut args = stream.launch_builder(&f);
-        $(args.arg($arg);)+
-        // SAFETY: every kernel of conv.cu reads within the tensors whose sizes
-        // its integer arguments describe and writes each element of its
-        // outputs once.
-        unsafe { args.launch($cfg) }.w()?;
-    }};
 }
 
 /// The forward op.
@@ -230,6 +203,7 @@ impl CustomOp3 for ConvOp {
                 let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
                 let (c, k) = (d.x[2] as i32, d.w[1] as i32);
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv1d_fwd",
                     grid(n),
@@ -247,6 +221,7 @@ impl CustomOp3 for ConvOp {
                 let s = d.shape(false);
                 let planes = (d.x[0] * d.x[1]) as i64;
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv2d_fwd",
                     grid(n),
@@ -264,7 +239,7 @@ impl CustomOp3 for ConvOp {
             }
             Conv::Full { silu } => {
                 let s = d.shape(silu);
-                launch!(dev, "lcasr_conv2d_fwd", grid(n), &x, &w, &b, &y, &s);
+                launch!(CONV, dev, "lcasr_conv2d_fwd", grid(n), &x, &w, &b, &y, &s);
             }
         }
         Ok((storage(y, dev), Shape::from(out_dims)))
@@ -365,6 +340,7 @@ impl CustomOp3 for ConvGrad<'_> {
                 let (per, parts) = d.parts_1d();
                 let per = per as i64;
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv1d_dx",
                     grid(n),
@@ -377,9 +353,10 @@ impl CustomOp3 for ConvGrad<'_> {
                     &k
                 );
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv1d_dw",
-                    plane_grid(parts),
+                    block_grid(parts, THREADS),
                     &x,
                     &dy,
                     &part,
@@ -394,6 +371,7 @@ impl CustomOp3 for ConvGrad<'_> {
                 let s = d.shape(false);
                 let planes = (d.x[0] * d.x[1]) as i64;
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv2d_dx",
                     grid(n),
@@ -408,9 +386,10 @@ impl CustomOp3 for ConvGrad<'_> {
                     &s.wo
                 );
                 launch!(
+                    CONV,
                     dev,
                     "lcasr_dwconv2d_dw",
-                    plane_grid(d.x[0] * d.x[1]),
+                    block_grid(d.x[0] * d.x[1], THREADS),
                     &x,
                     &dy,
                     &part,
@@ -422,11 +401,23 @@ impl CustomOp3 for ConvGrad<'_> {
             }
             Conv::Full { silu } => {
                 let s = d.shape(silu);
-                launch!(dev, "lcasr_conv2d_dx", grid(n), &x, &w, &b, &dy, &dx, &s);
                 launch!(
+                    CONV,
+                    dev,
+                    "lcasr_conv2d_dx",
+                    grid(n),
+                    &x,
+                    &w,
+                    &b,
+                    &dy,
+                    &dx,
+                    &s
+                );
+                launch!(
+                    CONV,
                     dev,
                     "lcasr_conv2d_dw",
-                    plane_grid(d.x[0] * d.w[0]),
+                    block_grid(d.x[0] * d.w[0], THREADS),
                     &x,
                     &w,
                     &b,

@@ -18,6 +18,12 @@ pub(crate) const CONV: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/conv.ptx")),
 };
 
+/// The PTX of `cuda/renorm.cu`.
+pub(crate) const RENORM: Module = Module {
+    name: "lcasr-renorm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/renorm.ptx")),
+};
+
 /// The PTX of `cuda/glu.cu`.
 pub(crate) const GLU: Module = Module {
     name: "lcasr-glu",
@@ -74,6 +80,43 @@ pub(crate) fn grid(elems: usize) -> LaunchConfig {
         shared_mem_bytes: 0,
     }
 }
+
+/// Most partial sums a reduction over rows is split into (one block each).
+const MAX_ROW_PARTS: usize = 256;
+
+/// How a reduction over `rows` rows splits into per-block partial sums:
+/// (rows per part, number of parts).
+pub(crate) fn row_parts(rows: usize) -> (usize, usize) {
+    let per = rows.div_ceil(MAX_ROW_PARTS).max(1);
+    (per, rows.div_ceil(per).max(1))
+}
+
+/// One block of `threads` threads per item of `blocks` (at least one block).
+pub(crate) fn block_grid(blocks: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launches kernel `$func` of `$module` on `$dev` with `$cfg` and the
+/// arguments, mapping a launch failure to a candle error.
+///
+/// Every kernel of this crate reads within the buffers whose sizes its
+/// integer arguments describe and writes each element of its outputs once;
+/// callers pass arguments that hold to that.
+macro_rules! launch {
+    ($module:expr, $dev:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let f = $module.func($dev, $func)?;
+        let stream = $dev.cuda_stream();
+        let mut args = stream.launch_builder(&f);
+        $(args.arg($arg);)+
+        // SAFETY: see the macro's documentation.
+        unsafe { args.launch($cfg) }.w()?;
+    }};
+}
+pub(crate) use launch;
 
 /// Wraps a kernel's output as candle storage on `dev`.
 pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {

@@ -1,9 +1,9 @@
 //! Every fused op on a CUDA device against the same op on the CPU: outputs
 //! and the gradients of every input. Built only with the `cuda` feature and
 //! run on a machine with a GPU (`benches/gpu/run.sh`). On the GPU an op runs
-//! its `.cu` kernel where it has one (attention, the convolutions, GLU, the
-//! norms) and its composition of candle ops (`lcasr_kernels::composed`)
-//! elsewhere.
+//! its `.cu` kernel where it has one (attention, the convolutions,
+//! BatchRenorm, GLU, the norms) and its composition of candle ops
+//! (`lcasr_kernels::composed`) elsewhere.
 #![cfg(feature = "cuda")]
 
 mod ops_support;
@@ -195,39 +195,62 @@ fn convolutions() {
 #[test]
 fn batch_renorm_train_and_eval() {
     let mut rng = Rng::new(3);
-    let c = 12;
-    let x = rng.tensor(&[3, 19, c], -2.0, 3.0);
-    let w = rng.tensor(&[c], 0.5, 1.5);
-    let b = rng.tensor(&[c], -0.5, 0.5);
-    let rm: Vec<f32> = (0..c).map(|_| rng.uniform(-0.5, 1.0)).collect();
-    let rs: Vec<f32> = (0..c).map(|_| rng.uniform(0.2, 2.5)).collect();
-    let lengths = [19, 7, 1];
-    let train = RenormMode::Train {
-        running_mean: &rm,
-        running_std: &rs,
-        rmax: 1.5,
-        dmax: 0.5,
-        eps: 1e-3,
-        lengths: Some(&lengths),
-    };
-    parity(
-        "batch_renorm train",
-        &mut rng,
-        &[x.clone(), w.clone(), b.clone()],
-        |t| batch_renorm_silu(&t[0], &t[1], &t[2], train).map(|(y, _)| y),
-        1e-4,
-    );
-    let eval = RenormMode::Eval {
-        running_mean: &rm,
-        running_std: &rs,
-    };
-    parity(
-        "batch_renorm eval",
-        &mut rng,
-        &[x, w, b],
-        |t| batch_renorm_silu(&t[0], &t[1], &t[2], eval).map(|(y, _)| y),
-        1e-4,
-    );
+    // Several rows per partial sum, more channels than threads per block,
+    // padded and unpadded batches.
+    for (dims, lengths) in [
+        ([3, 19, 12], Some(vec![19, 7, 1])),
+        ([2, 700, 300], Some(vec![700, 411])),
+        ([4, 33, 8], None),
+    ] {
+        let c = dims[2];
+        let x = rng.tensor(&dims, -2.0, 3.0);
+        let w = rng.tensor(&[c], 0.5, 1.5);
+        let b = rng.tensor(&[c], -0.5, 0.5);
+        let rm: Vec<f32> = (0..c).map(|_| rng.uniform(-0.5, 1.0)).collect();
+        let rs: Vec<f32> = (0..c).map(|_| rng.uniform(0.2, 2.5)).collect();
+        let train = RenormMode::Train {
+            running_mean: &rm,
+            running_std: &rs,
+            rmax: 1.5,
+            dmax: 0.5,
+            eps: 1e-3,
+            lengths: lengths.as_deref(),
+        };
+        parity(
+            &format!("batch_renorm train {dims:?}"),
+            &mut rng,
+            &[x.clone(), w.clone(), b.clone()],
+            |t| batch_renorm_silu(&t[0], &t[1], &t[2], train).map(|(y, _)| y),
+            1e-4,
+        );
+        let stats = |device: &Device| {
+            let on = |t: &Tensor| t.to_device(device).unwrap();
+            batch_renorm_silu(&on(&x), &on(&w), &on(&b), train)
+                .unwrap()
+                .1
+                .expect("training mode returns batch statistics")
+        };
+        let (cpu, gpu) = (stats(&Device::Cpu), stats(&gpu()));
+        for (name, want, got) in [("mean", &cpu.mean, &gpu.mean), ("std", &cpu.std, &gpu.std)] {
+            for (i, (a, g)) in want.iter().zip(got).enumerate() {
+                assert!(
+                    (a - g).abs() <= 1e-5 * a.abs().max(1.0),
+                    "batch {name}[{i}]: {g} vs {a}"
+                );
+            }
+        }
+        let eval = RenormMode::Eval {
+            running_mean: &rm,
+            running_std: &rs,
+        };
+        parity(
+            &format!("batch_renorm eval {dims:?}"),
+            &mut rng,
+            &[x, w, b],
+            |t| batch_renorm_silu(&t[0], &t[1], &t[2], eval).map(|(y, _)| y),
+            1e-4,
+        );
+    }
 }
 
 #[test]
