@@ -110,7 +110,10 @@ fn main() {
         let grads = loss.backward().unwrap();
         device.synchronize().unwrap();
         drop(grads);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        // Each step as it ends: a long step killed by a time limit still reports.
+        eprintln!("  step {}: {ms:.0} ms", times.len() + 1);
+        times.push(ms);
     };
     for _ in 0..runs {
         if composed {

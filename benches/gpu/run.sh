@@ -12,7 +12,9 @@
 # Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
 # go to $OUT (the device tool's folder) or target/gpu-results. LCASR_GPU_STEPS
 # picks the parts (default "1 2 3 4"), e.g. LCASR_GPU_STEPS="1 3";
-# LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16").
+# LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16"),
+# LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
+# LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${1:-target/gpu-bundle}
@@ -76,10 +78,12 @@ fi
 if want 3; then
   echo "== 3. one hour of audio: 360,000 frames, the reference d768 model, every block checkpointed"
   echo "(lcasr memory predicts 30.4 GiB for this step in bf16; docs/gpu.md)"
+  echo "(f32: 58.7 GiB predicted; one step with the CUDA-core attention kernel takes tens of seconds)"
   for dtype in ${LCASR_GPU_HOUR_DTYPES:-f32 bf16}; do
     LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 \
-      LCASR_BENCH_DTYPE=$dtype LCASR_BENCH_B=1 LCASR_BENCH_T=360000 LCASR_BENCH_RUNS=2 \
-      peak_gpu_mib timeout 150 "$bin/model_step"
+      LCASR_BENCH_DTYPE=$dtype LCASR_BENCH_B=1 LCASR_BENCH_T=360000 \
+      LCASR_BENCH_RUNS=${LCASR_GPU_HOUR_RUNS:-1} \
+      peak_gpu_mib timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" "$bin/model_step"
   done
 fi
 
