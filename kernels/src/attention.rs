@@ -55,14 +55,12 @@ pub struct AttentionOptions<'a> {
 /// anything else the composition [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if qkv.device().is_cuda() && opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
+    if crate::cuda_kernels(qkv) && opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
         // Half precision on a GPU computes in f32 too: the composition would
         // materialise (B, H, N, N) scores.
         let x = qkv.to_dtype(DType::F32)?;
-        if crate::native_cuda(&x) {
-            let op = AttentionOp::new(&x, opts)?;
-            return crate::attention_cuda::attention(&x, op.p, opts)?.to_dtype(qkv.dtype());
-        }
+        let op = AttentionOp::new(&x, opts)?;
+        return crate::attention_cuda::attention(&x, op.p, opts)?.to_dtype(qkv.dtype());
     }
     if crate::half(qkv) {
         return crate::composed::attention(qkv, opts);

@@ -52,7 +52,8 @@ struct ConvShape {
 unsafe impl DeviceRepr for ConvShape {}
 
 /// `conv` by its CUDA kernel when `x` is on a CUDA device (bf16 and f16
-/// computed in f32 and cast back); `None` where another path must run it
+/// computed in f32 and cast back, recomputed in the backward); `None` where
+/// another path must run it
 /// (not CUDA, the composed path forced, or a conv2d wider than
 /// [`MAX_CONV2D_CIN`] input channels).
 pub(crate) fn try_apply(
@@ -61,20 +62,35 @@ pub(crate) fn try_apply(
     weight: &Tensor,
     bias: &Tensor,
 ) -> Result<Option<Tensor>> {
-    if !x.device().is_cuda() {
+    if !crate::cuda_kernels(x) {
         return Ok(None);
     }
     check(conv, x, weight, bias)?;
     if matches!(conv, Conv::Full { .. }) && x.dim(1)? > MAX_CONV2D_CIN {
         return Ok(None);
     }
-    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let xf = f32_of(x)?;
-    if !crate::native_cuda(&xf) {
-        return Ok(None);
+    if x.dtype() == DType::F32 {
+        return Ok(Some(in_f32(
+            conv,
+            &[x.clone(), weight.clone(), bias.clone()],
+        )?));
     }
-    let y = xf.apply_op3(&f32_of(weight)?, &f32_of(bias)?, ConvOp(conv))?;
-    Ok(Some(y.to_dtype(x.dtype())?))
+    // Half precision: the f32 kernel between casts, as one node that keeps
+    // only the half-precision inputs and output (the f32 copies around the
+    // kernel would otherwise stay in the graph: at the subsampling's first
+    // plane, twice the plane's size) and runs the convolution again in the
+    // backward.
+    Ok(Some(crate::recompute::node(
+        &[x, weight, bias],
+        move |t| in_f32(conv, t),
+    )?))
+}
+
+/// `conv` of `t` = [x, weight, bias] by the f32 kernel, in `x`'s dtype.
+fn in_f32(conv: Conv, t: &[Tensor]) -> Result<Tensor> {
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let y = f32_of(&t[0])?.apply_op3(&f32_of(&t[1])?, &f32_of(&t[2])?, ConvOp(conv))?;
+    y.to_dtype(t[0].dtype())
 }
 
 /// The shapes the kernels rely on.

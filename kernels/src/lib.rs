@@ -66,10 +66,14 @@ pub(crate) fn half(t: &Tensor) -> bool {
 }
 
 /// True when the CUDA kernel of an op that has one runs: a `cuda` build, `t`
-/// on a CUDA device, and [`with_composed_ops`] not in force.
+/// f32 on a CUDA device, and [`with_composed_ops`] not in force.
 pub(crate) fn native_cuda(t: &Tensor) -> bool {
-    cfg!(feature = "cuda")
-        && t.device().is_cuda()
-        && t.dtype() == candle_core::DType::F32
-        && !FORCE_COMPOSED.with(Cell::get)
+    cuda_kernels(t) && t.dtype() == candle_core::DType::F32
+}
+
+/// True when `t` is on a CUDA device of a `cuda` build and
+/// [`with_composed_ops`] is not in force: the ops whose CUDA kernels take
+/// half inputs in f32 then run them.
+pub(crate) fn cuda_kernels(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && !FORCE_COMPOSED.with(Cell::get)
 }
