@@ -14,7 +14,9 @@
 # picks the parts (default "1 2 3 4"), e.g. LCASR_GPU_STEPS="1 3";
 # LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16"),
 # LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
-# LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240).
+# LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240). Environment
+# the programs read passes through, e.g. LCASR_ATTENTION_CHUNK=1024 (chunked
+# attention through cuBLAS instead of the CUDA kernel; docs/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${1:-target/gpu-bundle}

@@ -8,6 +8,8 @@
 
 #[path = "attention_bwd.rs"]
 mod bwd;
+#[path = "attention_chunked.rs"]
+mod chunked;
 #[path = "attention_dropout.rs"]
 mod dropout;
 #[path = "attention_fwd.rs"]
@@ -20,6 +22,7 @@ use std::sync::Mutex;
 use candle_core::{bail, CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+pub use chunked::attention_chunked;
 pub use dropout::dropout_keep;
 use dropout::Dropout;
 
@@ -51,9 +54,16 @@ pub struct AttentionOptions<'a> {
 /// softmax(q k^T / sqrt(Dh) + mask) v, rows past each item's length set to 0.
 /// The gradient flows back to `qkv` in the same interleaved layout.
 /// f32 on the CPU runs the fused kernel here; on a CUDA device (any float
-/// dtype, computed in f32, Dh <= 128) the kernel of `cuda/attention.cu`;
-/// anything else the composition [`crate::composed::attention`].
+/// dtype, computed in f32, Dh <= 128) the kernel of `cuda/attention.cu`, or
+/// [`attention_chunked`] when `LCASR_ATTENTION_CHUNK` asks for it; anything
+/// else the composition [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels(qkv) && opts.dropout.is_none_or(|(p, _)| p == 0.0) {
+        if let Some(rows) = chunk_rows_from_env()? {
+            return attention_chunked(qkv, opts, rows);
+        }
+    }
     #[cfg(feature = "cuda")]
     if crate::cuda_kernels(qkv) && opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
         // Half precision on a GPU computes in f32 too: the composition would
@@ -70,6 +80,20 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         return crate::composed::attention(qkv, opts);
     }
     qkv.contiguous()?.apply_op1(op)
+}
+
+/// `LCASR_ATTENTION_CHUNK=rows`: on a CUDA device, attention without dropout
+/// runs as [`attention_chunked`] with that many query rows per chunk
+/// (matmuls through cuBLAS) instead of the CUDA kernel. Unset: the kernel.
+#[cfg(feature = "cuda")]
+fn chunk_rows_from_env() -> candle_core::Result<Option<usize>> {
+    match std::env::var("LCASR_ATTENTION_CHUNK") {
+        Err(_) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(rows) if rows > 0 => Ok(Some(rows)),
+            _ => bail!("LCASR_ATTENTION_CHUNK={v:?}: expected a positive number of query rows"),
+        },
+    }
 }
 
 /// Shape and masking of one attention call, shared by the forward and backward kernels.
