@@ -9,7 +9,10 @@
 //! `--features cuda` build; `benches/gpu/run.sh`). `LCASR_BENCH_MODEL=reference`
 //! times the reference config's 6-layer d_model 768 (6 x 128-head) model
 //! instead, `LCASR_BENCH_CKPT=n` checkpoints every n-th block and
-//! `LCASR_BENCH_DTYPE=bf16|f16` computes in half precision (f32 weights).
+//! `LCASR_BENCH_DTYPE=bf16|f16` computes in half precision (f32 weights);
+//! `LCASR_BENCH_COMPOSED=1` forces every op onto its composed path (the one
+//! an op takes without a native kernel) and `LCASR_BENCH_PHASES=1` reports
+//! the forward, CTC and backward times of each step (synchronising between).
 
 use std::time::Instant;
 
@@ -85,6 +88,7 @@ fn main() {
         .collect();
     let mut times = Vec::new();
     let composed = std::env::var("LCASR_BENCH_COMPOSED").is_ok_and(|v| v == "1");
+    let phases = std::env::var("LCASR_BENCH_PHASES").is_ok_and(|v| v == "1");
     let mut step = || {
         let start = Instant::now();
         let out = model
@@ -98,6 +102,10 @@ fn main() {
                 },
             )
             .unwrap();
+        let forward_done = phases.then(|| {
+            device.synchronize().unwrap();
+            start.elapsed()
+        });
         let loss = ctc(
             &out.logits,
             &targets,
@@ -107,12 +115,25 @@ fn main() {
             false,
         )
         .unwrap();
+        let ctc_done = phases.then(|| {
+            device.synchronize().unwrap();
+            start.elapsed()
+        });
         let grads = loss.backward().unwrap();
         device.synchronize().unwrap();
         drop(grads);
         let ms = start.elapsed().as_secs_f64() * 1e3;
         // Each step as it ends: a long step killed by a time limit still reports.
-        eprintln!("  step {}: {ms:.0} ms", times.len() + 1);
+        let split = match (forward_done, ctc_done) {
+            (Some(f), Some(c)) => format!(
+                " (forward {:.0} ms, CTC {:.0} ms, backward {:.0} ms)",
+                f.as_secs_f64() * 1e3,
+                (c - f).as_secs_f64() * 1e3,
+                ms - c.as_secs_f64() * 1e3
+            ),
+            _ => String::new(),
+        };
+        eprintln!("  step {}: {ms:.0} ms{split}", times.len() + 1);
         times.push(ms);
     };
     for _ in 0..runs {

@@ -3,7 +3,10 @@ depthwise-separable subsampling, pre-norm macaron Conformer blocks with rotary
 attention, BatchRenorm convolution modules, self-conditioned CTC head), written
 for this benchmark, timed on one training step (forward, CTC, backward) and on
 long-input inference. Shapes from LCASR_BENCH_B / _T / _RUNS / _INFER_T and the
-device from LCASR_BENCH_DEVICE (cpu or cuda:N), like benches/model_step.rs.
+device from LCASR_BENCH_DEVICE (cpu or cuda:N), like benches/model_step.rs; as
+there, LCASR_BENCH_MODEL=reference times the 6-layer d_model 768 (6 x 128-head)
+model, LCASR_BENCH_CKPT=n checkpoints every n-th block and
+LCASR_BENCH_DTYPE=bf16|f16 runs the forward under autocast.
 Weights are randomly initialised (timing only)."""
 import os
 import resource
@@ -12,6 +15,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 torch.set_num_threads(2)
 torch.manual_seed(0)
@@ -35,6 +39,10 @@ def peak():
         text += f", peak GPU allocated {torch.cuda.max_memory_allocated(DEVICE) / 2**20:.0f} MiB"
     return text
 D, H, DH, C, CLASSES, LAYERS, K = 256, 8, 32, 256, 4096, 6, 9
+if os.environ.get("LCASR_BENCH_MODEL") == "reference":
+    D, H, DH = 768, 6, 128
+CKPT = int(os.environ.get("LCASR_BENCH_CKPT", 0))
+AUTOCAST = {"bf16": torch.bfloat16, "f16": torch.float16}.get(os.environ.get("LCASR_BENCH_DTYPE", ""))
 
 
 class Subsampling(nn.Module):
@@ -147,7 +155,10 @@ class Encoder(nn.Module):
         ang = torch.cat((ang, ang), -1)
         cos, sin = ang.cos(), ang.sin()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin)
+            if self.training and CKPT and i % CKPT == 0:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
             if i < LAYERS - 1:
                 x = x + self.reproj(self.head(self.norm(x)).softmax(-1))
         return self.head(self.norm(self.norm(x))).log_softmax(-1)
@@ -166,7 +177,8 @@ targets = torch.tensor([[(i * 977 + j * 131) % 4094 for j in range(n // 4)] for 
 times = []
 for _ in range(RUNS):
     t0 = time.perf_counter()
-    lp = model(x)
+    with torch.autocast(DEVICE.type, dtype=AUTOCAST or torch.float32, enabled=AUTOCAST is not None):
+        lp = model(x).float()
     loss = F.ctc_loss(lp.transpose(0, 1), targets, torch.full((B,), n), torch.full((B,), n // 4),
                       blank=CLASSES - 1, reduction="sum")
     loss.backward()
@@ -174,7 +186,7 @@ for _ in range(RUNS):
     model.zero_grad(set_to_none=True)
     times.append((time.perf_counter() - t0) * 1e3)
 times.sort()
-print(f"torch ({DEVICE}): train step B {B} x T {T}: best {times[0]:.0f} ms, "
+print(f"torch ({DEVICE}, d{D}{' ' + str(AUTOCAST) if AUTOCAST else ''}): train step B {B} x T {T}: best {times[0]:.0f} ms, "
       f"median {times[len(times) // 2]:.0f} ms, {peak()}")
 if INFER_T:
     model.eval()

@@ -14,7 +14,8 @@
 # picks the parts (default "1 2 3 4"), e.g. LCASR_GPU_STEPS="1 3";
 # LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16"),
 # LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
-# LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240). Environment
+# LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240);
+# LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first. Environment
 # the programs read passes through, e.g. LCASR_ATTENTION_CHUNK=1024 (chunked
 # attention through cuBLAS instead of the CUDA kernel; docs/gpu.md).
 set -uo pipefail
@@ -73,7 +74,7 @@ if want 2; then
     LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
       timeout 90 python3 "$bundle/model_torch.py"
     LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
-      peak_gpu_mib timeout 90 "$bin/model_step"
+      LCASR_BENCH_PHASES=1 peak_gpu_mib timeout 90 "$bin/model_step"
   done
 fi
 
@@ -82,10 +83,13 @@ if want 3; then
   echo "(lcasr memory predicts 30.4 GiB for this step in bf16; docs/gpu.md)"
   echo "(f32: 58.7 GiB predicted; one step with the CUDA-core attention kernel takes tens of seconds)"
   for dtype in ${LCASR_GPU_HOUR_DTYPES:-f32 bf16}; do
-    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 \
+    export LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_MODEL=reference LCASR_BENCH_CKPT=1 \
       LCASR_BENCH_DTYPE=$dtype LCASR_BENCH_B=1 LCASR_BENCH_T=360000 \
-      LCASR_BENCH_RUNS=${LCASR_GPU_HOUR_RUNS:-1} \
-      peak_gpu_mib timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" "$bin/model_step"
+      LCASR_BENCH_RUNS=${LCASR_GPU_HOUR_RUNS:-1} LCASR_BENCH_PHASES=1
+    if [ -n "${LCASR_GPU_HOUR_TORCH:-}" ]; then
+      timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" python3 "$bundle/model_torch.py"
+    fi
+    peak_gpu_mib timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" "$bin/model_step"
   done
 fi
 
