@@ -1,5 +1,6 @@
 //! What the recompute node is for: an op on its composed path keeps only its
-//! inputs and output for the backward, not the composition's intermediates.
+//! inputs and output for the backward, not the composition's intermediates;
+//! chunked attention keeps memory linear in the sequence length.
 //! Bytes still allocated after the forward (the graph alive, before the
 //! backward) are counted with a counting allocator; one test in this binary,
 //! so nothing else allocates meanwhile.
@@ -8,6 +9,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{Device, Result, Tensor, Var};
+use lcasr_kernels::attention::{attention_chunked, AttentionOptions};
 use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
 use lcasr_kernels::composed;
 use lcasr_kernels::softmax::linear_softmax;
@@ -94,5 +96,25 @@ fn composed_ops_keep_only_inputs_and_output() {
     assert!(
         node <= probs_bytes + probs_bytes / 4 && plain > 2 * node,
         "softmax head: the node keeps {node} bytes, the composition {plain} (output {probs_bytes})"
+    );
+
+    // Chunked attention keeps the heads and the output: doubling N doubles
+    // what it keeps. The composition keeps (H, N, N) scores: 4x.
+    let (h, dh) = (2, 16);
+    let opts = AttentionOptions {
+        n_heads: h,
+        head_dim: dh,
+        ..Default::default()
+    };
+    let at = |n: usize| {
+        let qkv = [ramp(&[1, n, 3 * h * dh], 1.0)];
+        let chunked = retained(&qkv, |t| attention_chunked(&t[0], &opts, 64));
+        let plain = retained(&qkv, |t| composed::attention(&t[0], &opts));
+        (chunked as f64, plain as f64)
+    };
+    let ((c1, p1), (c2, p2)) = (at(512), at(1024));
+    assert!(
+        c2 / c1 < 2.2 && p2 / p1 > 3.5 && p2 > 10.0 * c2,
+        "attention at N 512 -> 1024: chunked keeps {c1} -> {c2} bytes, the composition {p1} -> {p2}"
     );
 }
