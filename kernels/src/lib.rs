@@ -26,6 +26,7 @@ mod norm_cuda;
 mod recompute;
 pub mod rotary;
 pub mod softmax;
+pub mod storage_copy;
 
 use std::cell::Cell;
 

@@ -12,11 +12,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Storage,
-    Tensor, Var,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Tensor, Var,
 };
+
+use crate::storage_copy::owned_cpu_storage;
 
 /// A composition of one to three tensors.
 type Composition = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync>;
@@ -61,39 +61,22 @@ struct Recompute {
 }
 
 impl Recompute {
-    /// The first output's storage, exactly its elements (a fresh copy).
-    fn take_first(&self) -> Result<(Storage, Shape)> {
-        let first = self
-            .first
+    /// The first output (the forward takes it once).
+    fn take_first(&self) -> Result<Tensor> {
+        self.first
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
-            .ok_or_else(|| Error::Msg("recompute: forward ran twice".into()))?;
-        // A fresh contiguous tensor at offset 0 whose storage is exactly its elements.
-        let fresh = first.affine(1.0, 0.0)?;
-        let (storage, layout) = fresh.storage_and_layout();
-        let copy = match &*storage {
-            Storage::Cpu(s) => Storage::Cpu(s.try_clone(layout)?),
-            #[cfg(feature = "cuda")]
-            Storage::Cuda(s) => Storage::Cuda(s.try_clone(layout)?),
-            _ => bail!("recompute: unsupported device"),
-        };
-        Ok((copy, fresh.shape().clone()))
+            .ok_or_else(|| Error::Msg("recompute: forward ran twice".into()))
     }
 
     fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        match self.take_first()? {
-            (Storage::Cpu(s), shape) => Ok((s, shape)),
-            _ => bail!("recompute: the composition ran on another device than its inputs"),
-        }
+        owned_cpu_storage(&self.take_first()?, NAME)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
-        match self.take_first()? {
-            (Storage::Cuda(s), shape) => Ok((s, shape)),
-            _ => bail!("recompute: the composition ran on another device than its inputs"),
-        }
+        crate::storage_copy::owned_cuda_storage(&self.take_first()?, NAME)
     }
 
     /// The gradients of `inputs` for the output gradient `grad`, by running

@@ -33,8 +33,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Storage, Tensor, Var,
+    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, Var,
 };
+use lcasr_kernels::storage_copy::owned_cpu_storage;
 
 use super::conformer::ConformerLayer;
 use super::layers::Ctx;
@@ -99,16 +100,16 @@ struct BlockCheckpoint {
 }
 
 impl BlockCheckpoint {
-    /// The first pass's output as a fresh contiguous copy at offset 0, whose
-    /// storage is exactly the output (any dtype); the node's forward takes it
-    /// once.
-    fn owned_output(&self) -> Result<Tensor> {
+    /// The first pass's output; the node's forward takes it once.
+    fn take_output(&self) -> Result<Tensor> {
         lock(&self.output)
             .take()
-            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))?
-            .affine(1.0, 0.0)
+            .ok_or_else(|| Error::Msg("checkpointed block: forward ran twice".into()))
     }
 }
+
+/// Names the node in errors of its forward.
+const NODE: &str = "checkpointed block";
 
 impl CustomOp2 for BlockCheckpoint {
     fn name(&self) -> &'static str {
@@ -122,15 +123,7 @@ impl CustomOp2 for BlockCheckpoint {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let fresh = self.owned_output()?;
-        let (storage, layout) = fresh.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, fresh.shape().clone())),
-            _ => Err(Error::Msg(
-                "checkpointed block: the block ran on another device than its input".into(),
-            )),
-        }
+        owned_cpu_storage(&self.take_output()?, NODE)
     }
 
     #[cfg(feature = "cuda")]
@@ -141,15 +134,7 @@ impl CustomOp2 for BlockCheckpoint {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let fresh = self.owned_output()?;
-        let (storage, layout) = fresh.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, fresh.shape().clone())),
-            _ => Err(Error::Msg(
-                "checkpointed block: the block ran on another device than its input".into(),
-            )),
-        }
+        lcasr_kernels::storage_copy::owned_cuda_storage(&self.take_output()?, NODE)
     }
 
     fn bwd(
