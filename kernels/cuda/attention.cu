@@ -404,3 +404,22 @@ ATT_ENTRIES(1)
 ATT_ENTRIES(2)
 ATT_ENTRIES(3)
 ATT_ENTRIES(4)
+
+// The dropout factors (0 or 1/(1-p)) of query rows [i0, i0 + rows) against
+// every key, (B, H, rows, N), for the chunked attention path: the same hash
+// as the kernels above.
+extern "C" __global__ void lcasr_attention_dropout_mask(float* out, long long items, int heads,
+                                                        long long i0, long long rows, long long n,
+                                                        uint64_t seed, uint32_t threshold,
+                                                        float keep_scale) {
+    const long long total = items * heads * rows * n;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long j = e % n;
+        const long long r = (e / n) % rows;
+        const long long bh = e / (n * rows);
+        const long long b = bh / heads;
+        const long long h = bh - b * heads;
+        out[e] = att_keep(att_row_key(seed, b, h, i0 + r), j, threshold, keep_scale);
+    }
+}

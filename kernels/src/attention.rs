@@ -59,7 +59,7 @@ pub struct AttentionOptions<'a> {
 /// else the composition [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if crate::cuda_kernels(qkv) && opts.dropout.is_none_or(|(p, _)| p == 0.0) {
+    if crate::cuda_kernels(qkv) {
         if let Some(rows) = chunk_rows_from_env()? {
             return attention_chunked(qkv, opts, rows);
         }
@@ -82,8 +82,8 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
     qkv.contiguous()?.apply_op1(op)
 }
 
-/// `LCASR_ATTENTION_CHUNK=rows`: on a CUDA device, attention without dropout
-/// runs as [`attention_chunked`] with that many query rows per chunk
+/// `LCASR_ATTENTION_CHUNK=rows`: on a CUDA device, attention runs as
+/// [`attention_chunked`] with that many query rows per chunk
 /// (matmuls through cuBLAS) instead of the CUDA kernel. Unset: the kernel.
 #[cfg(feature = "cuda")]
 fn chunk_rows_from_env() -> candle_core::Result<Option<usize>> {

@@ -3,20 +3,24 @@
 //! N), exist only while that chunk is computed, forward or backward, so the
 //! memory is linear in N for a fixed chunk, and the products are plain
 //! matmuls (cuBLAS, tensor cores in half precision on a GPU). Masks come from
-//! index comparisons on the device. No attention dropout: the counter-based
-//! mask of the fused kernels has no candle-op form.
+//! index comparisons on the device; the dropout mask, the fused kernels' own
+//! counter-based hash, is made per chunk (a CUDA kernel, or on the host).
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use super::AttentionOptions;
+use super::{AttentionOptions, Dropout};
 
 /// Attention of the interleaved `qkv` (B, N, 3*H*Dh), as
-/// [`crate::attention::attention`] without dropout, in query chunks of
-/// `chunk` rows.
+/// [`crate::attention::attention`] (the same dropout mask), in query chunks
+/// of `chunk` rows.
 pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) -> Result<Tensor> {
-    if opts.dropout.is_some_and(|(p, _)| p > 0.0) {
-        bail!("attention_chunked: attention dropout needs the fused kernels");
-    }
+    let dropout = match opts.dropout {
+        Some((p, _)) if !(0.0..1.0).contains(&p) => {
+            bail!("attention_chunked: dropout probability {p} must be in [0, 1)")
+        }
+        Some((p, seed)) if p > 0.0 => Some(Dropout::new(p, seed)),
+        _ => None,
+    };
     if chunk == 0 {
         bail!("attention_chunked: the chunk must hold at least one query");
     }
@@ -33,7 +37,7 @@ pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) ->
         let rows = chunk.min(n - i0);
         let lengths = lengths.clone();
         outs.push(crate::recompute::node(&[&q, &k, &v], move |t| {
-            chunk_attention(&t[0], &t[1], &t[2], i0, rows, &lengths, window)
+            chunk_attention(&t[0], &t[1], &t[2], i0, rows, &lengths, window, dropout)
         })?);
     }
     Tensor::cat(&outs, 2)?
@@ -43,6 +47,7 @@ pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) ->
 
 /// Query rows `[i0, i0 + rows)` of attention over the heads `q`, `k`, `v`
 /// (B, H, N, Dh): (B, H, rows, Dh), rows past an item's length zero.
+#[allow(clippy::too_many_arguments)]
 fn chunk_attention(
     q: &Tensor,
     k: &Tensor,
@@ -51,8 +56,9 @@ fn chunk_attention(
     rows: usize,
     lengths: &[usize],
     (left, right): (Option<usize>, Option<usize>),
+    dropout: Option<Dropout>,
 ) -> Result<Tensor> {
-    let (b, _, n, dh) = q.dims4()?;
+    let (b, h, n, dh) = q.dims4()?;
     let dev = q.device();
     let scores = (q.narrow(2, i0, rows)?.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?
         .to_dtype(DType::F32)?;
@@ -81,9 +87,35 @@ fn chunk_attention(
     let masked = (scores.broadcast_add(&(hidden * -1e30)?))?;
     let max = masked.max_keepdim(D::Minus1)?.detach();
     let e = masked.broadcast_sub(&max)?.exp()?;
-    let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    let mut probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    if let Some(d) = dropout {
+        probs = (probs * dropout_mask(q, (b, h, i0, rows, n), d)?)?;
+    }
     probs
         .to_dtype(v.dtype())?
         .matmul(v)?
         .broadcast_mul(&live.to_dtype(v.dtype())?)
+}
+
+/// The dropout factors of query rows `[i0, i0 + rows)` (B, H, rows, N) on
+/// `like`'s device.
+fn dropout_mask(
+    like: &Tensor,
+    (b, h, i0, rows, n): (usize, usize, usize, usize, usize),
+    d: Dropout,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if like.device().is_cuda() {
+        return crate::attention_cuda::dropout_mask(
+            like,
+            (b, h, i0, rows, n),
+            (d.seed, d.threshold, d.keep_scale),
+        );
+    }
+    let mut mask = vec![0f32; b * h * rows * n];
+    for (row, z) in mask.chunks_exact_mut(n).enumerate() {
+        let (bh, r) = (row / rows, row % rows);
+        d.fill_row(z, d.row_key(bh / h, bh % h, i0 + r), 0);
+    }
+    Tensor::from_vec(mask, (b, h, rows, n), like.device())
 }

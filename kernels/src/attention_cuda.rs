@@ -348,3 +348,62 @@ impl CustomOp3 for Grad<'_> {
         Ok((storage(grads, dev), Shape::from(3 * size)))
     }
 }
+
+/// The dropout factors (0 or 1/(1-p), by the kernels' hash) of query rows
+/// `[i0, i0 + rows)` of every item and head against all `n` keys, as a
+/// (B, H, rows, N) f32 tensor on `like`'s device (chunked attention).
+pub(crate) fn dropout_mask(
+    like: &Tensor,
+    (b, h, i0, rows, n): (usize, usize, usize, usize, usize),
+    (seed, threshold, keep_scale): (u64, u32, f32),
+) -> Result<Tensor> {
+    like.apply_op1_no_bwd(&DropoutMask {
+        dims: (b, h, i0, rows, n),
+        seed,
+        threshold,
+        keep_scale,
+    })
+}
+
+/// Writes [`dropout_mask`]'s tensor; its input only names the device.
+struct DropoutMask {
+    dims: (usize, usize, usize, usize, usize),
+    seed: u64,
+    threshold: u32,
+    keep_scale: f32,
+}
+
+impl candle_core::CustomOp1 for DropoutMask {
+    fn name(&self) -> &'static str {
+        "lcasr-attention-dropout-mask-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: the CPU builds its masks on the host", self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dev = &s.device;
+        let (b, h, i0, rows, n) = self.dims;
+        let total = b * h * rows * n;
+        let out = output(dev, total)?;
+        let (items, heads, i0, rows_arg, n_arg) =
+            (b as i64, h as i32, i0 as i64, rows as i64, n as i64);
+        let func = ATTENTION.func(dev, "lcasr_attention_dropout_mask")?;
+        let stream = dev.cuda_stream();
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&out)
+            .arg(&items)
+            .arg(&heads)
+            .arg(&i0)
+            .arg(&rows_arg)
+            .arg(&n_arg)
+            .arg(&self.seed)
+            .arg(&self.threshold)
+            .arg(&self.keep_scale);
+        // SAFETY: writes each of the B*H*rows*N elements of `out` once.
+        unsafe { launch.launch(crate::cuda::grid(total)) }.w()?;
+        Ok((storage(out, dev), Shape::from((b, h, rows, n))))
+    }
+}

@@ -1,7 +1,7 @@
 //! Chunked attention (query chunks of candle ops, each recomputed in the
 //! backward) against the fused attention kernel: outputs and the gradient of
-//! qkv, with rotary, padding and windows, at chunk sizes that do and do not
-//! divide the length.
+//! qkv, with rotary, padding, windows and dropout (the same mask), at chunk
+//! sizes that do and do not divide the length.
 
 mod ops_support;
 
@@ -16,7 +16,13 @@ fn chunked_attention_matches_the_fused_kernel() {
     let (b, n, h, dh) = (2, 45, 3, 8);
     let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
     let lengths = [45, 29];
-    for window in [None, Some((5, 3)), Some((0, 12))] {
+    for (window, dropout) in [
+        (None, None),
+        (Some((5, 3)), None),
+        (Some((0, 12)), None),
+        (None, Some((0.2f32, 9u64))),
+        (Some((7, 7)), Some((0.5, 3))),
+    ] {
         let opts = AttentionOptions {
             n_heads: h,
             head_dim: dh,
@@ -24,14 +30,14 @@ fn chunked_attention_matches_the_fused_kernel() {
             lengths: Some(&lengths),
             window_left: window.map(|w: (usize, usize)| w.0),
             window_right: window.map(|w| w.1),
-            dropout: None,
+            dropout,
         };
         let qkv = rng.var(&[b, n, 3 * h * dh], -1.5, 1.5);
         let want = attention(qkv.as_tensor(), &opts).unwrap();
         let probe = rng.tensor(want.dims(), -1.0, 1.0);
         let want_grad = grads(&want, &probe, &[&qkv]).unwrap();
         for chunk in [1, 7, 16, 45, 64] {
-            let what = format!("window {window:?} chunk {chunk}");
+            let what = format!("window {window:?} dropout {dropout:?} chunk {chunk}");
             let x = Var::from_tensor(qkv.as_tensor()).unwrap();
             let got = attention_chunked(x.as_tensor(), &opts, chunk).unwrap();
             assert_close(&format!("{what} output"), &got, &want, 1e-5);
@@ -44,12 +50,21 @@ fn chunked_attention_matches_the_fused_kernel() {
             );
         }
     }
-    let dropout = AttentionOptions {
+    let bad = AttentionOptions {
         n_heads: h,
         head_dim: dh,
-        dropout: Some((0.1, 1)),
+        dropout: Some((1.0, 1)),
         ..Default::default()
     };
     let qkv = rng.tensor(&[1, 4, 3 * h * dh], -1.0, 1.0);
-    assert!(attention_chunked(&qkv, &dropout, 2).is_err());
+    assert!(attention_chunked(&qkv, &bad, 2).is_err());
+    assert!(attention_chunked(
+        &qkv,
+        &AttentionOptions {
+            dropout: None,
+            ..bad
+        },
+        0
+    )
+    .is_err());
 }

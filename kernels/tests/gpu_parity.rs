@@ -10,7 +10,7 @@ mod ops_support;
 
 use candle_core::{Device, Result, Tensor, Var};
 use lcasr_kernels::activation::{gelu_tanh, silu};
-use lcasr_kernels::attention::{attention, AttentionOptions};
+use lcasr_kernels::attention::{attention, attention_chunked, AttentionOptions};
 use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
 use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
 use lcasr_kernels::ctc::ctc_loss;
@@ -295,6 +295,41 @@ fn attention_with_rotary_padding_windows_and_dropout() {
                 1e-4,
             );
         }
+    }
+}
+
+/// Chunked attention (`LCASR_ATTENTION_CHUNK`) on the GPU against the fused
+/// attention on the CPU, dropout mask included (made by a CUDA kernel there).
+#[test]
+fn chunked_attention_with_padding_windows_and_dropout() {
+    let mut rng = Rng::new(6);
+    let (b, n, h, dh) = (2, 150, 2, 64);
+    let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
+    let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+    let lengths = [150, 97];
+    for (window, dropout) in [(None, None), (Some((33, 70)), Some((0.3f32, 5u64)))] {
+        let opts = AttentionOptions {
+            n_heads: h,
+            head_dim: dh,
+            rotary: Some((&cos[..], &sin[..])),
+            lengths: Some(&lengths),
+            window_left: window.map(|w: (usize, usize)| w.0),
+            window_right: window.map(|w| w.1),
+            dropout,
+        };
+        parity(
+            &format!("chunked attention window {window:?} dropout {dropout:?}"),
+            &mut rng,
+            std::slice::from_ref(&qkv),
+            |t| {
+                if t[0].device().is_cuda() {
+                    attention_chunked(&t[0], &opts, 64)
+                } else {
+                    attention(&t[0], &opts)
+                }
+            },
+            1e-4,
+        );
     }
 }
 
