@@ -294,42 +294,22 @@ fn attention_with_rotary_padding_windows_and_dropout() {
                 |t| attention(&t[0], &opts),
                 1e-4,
             );
+            // Chunked attention (`LCASR_ATTENTION_CHUNK`) on the GPU, its
+            // dropout mask made by a CUDA kernel, against the CPU kernel.
+            parity(
+                &format!("chunked {name} (B {b}, N {n}, H {h}, Dh {dh})"),
+                &mut rng,
+                std::slice::from_ref(&qkv),
+                |t| {
+                    if t[0].device().is_cuda() {
+                        attention_chunked(&t[0], &opts, 64)
+                    } else {
+                        attention(&t[0], &opts)
+                    }
+                },
+                1e-4,
+            );
         }
-    }
-}
-
-/// Chunked attention (`LCASR_ATTENTION_CHUNK`) on the GPU against the fused
-/// attention on the CPU, dropout mask included (made by a CUDA kernel there).
-#[test]
-fn chunked_attention_with_padding_windows_and_dropout() {
-    let mut rng = Rng::new(6);
-    let (b, n, h, dh) = (2, 150, 2, 64);
-    let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
-    let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
-    let lengths = [150, 97];
-    for (window, dropout) in [(None, None), (Some((33, 70)), Some((0.3f32, 5u64)))] {
-        let opts = AttentionOptions {
-            n_heads: h,
-            head_dim: dh,
-            rotary: Some((&cos[..], &sin[..])),
-            lengths: Some(&lengths),
-            window_left: window.map(|w: (usize, usize)| w.0),
-            window_right: window.map(|w| w.1),
-            dropout,
-        };
-        parity(
-            &format!("chunked attention window {window:?} dropout {dropout:?}"),
-            &mut rng,
-            std::slice::from_ref(&qkv),
-            |t| {
-                if t[0].device().is_cuda() {
-                    attention_chunked(&t[0], &opts, 64)
-                } else {
-                    attention(&t[0], &opts)
-                }
-            },
-            1e-4,
-        );
     }
 }
 
