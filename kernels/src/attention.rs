@@ -63,14 +63,13 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         if let Some(rows) = chunk_rows_from_env()? {
             return attention_chunked(qkv, opts, rows);
         }
-    }
-    #[cfg(feature = "cuda")]
-    if crate::cuda_kernels(qkv) && opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
-        // Half precision on a GPU computes in f32 too: the composition would
-        // materialise (B, H, N, N) scores.
-        let x = qkv.to_dtype(DType::F32)?;
-        let op = AttentionOp::new(&x, opts)?;
-        return crate::attention_cuda::attention(&x, op.p, opts)?.to_dtype(qkv.dtype());
+        if opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
+            // Half precision on a GPU computes in f32 too: the composition
+            // would materialise (B, H, N, N) scores.
+            let x = qkv.to_dtype(DType::F32)?;
+            let p = Problem::new(&x, opts)?;
+            return crate::attention_cuda::attention(&x, p, opts)?.to_dtype(qkv.dtype());
+        }
     }
     if crate::half(qkv) {
         return crate::composed::attention(qkv, opts);
@@ -118,6 +117,56 @@ pub(crate) struct Problem {
 }
 
 impl Problem {
+    /// The problem of `qkv` (B, N, 3*H*Dh) under `o`, every option checked
+    /// (the rotary tables too, which the problem does not keep).
+    pub fn new(qkv: &Tensor, o: &AttentionOptions) -> candle_core::Result<Self> {
+        let (b, n, c) = qkv.dims3()?;
+        let (h, dh) = (o.n_heads, o.head_dim);
+        if h == 0 || dh == 0 || c != 3 * h * dh {
+            bail!("attention: qkv last dim {c} != 3 * n_heads {h} * head_dim {dh}");
+        }
+        if let Some((cos, sin)) = o.rotary {
+            if dh % 2 != 0 {
+                bail!("attention: rotary needs an even head_dim, got {dh}");
+            }
+            if cos.len() != sin.len() || cos.len() % dh != 0 || cos.len() / dh < n {
+                bail!(
+                    "attention: rotary tables must both be (n_max >= {n}) x {dh}, got {} and {} values",
+                    cos.len(),
+                    sin.len()
+                );
+            }
+        }
+        let lengths = match o.lengths {
+            None => vec![n; b],
+            Some(l) => {
+                if l.len() != b || l.iter().any(|&x| x > n) {
+                    bail!("attention: lengths {l:?} must be {b} values <= {n}");
+                }
+                l.to_vec()
+            }
+        };
+        let dropout = match o.dropout {
+            None => None,
+            Some((p, seed)) => {
+                if !(0.0..1.0).contains(&p) {
+                    bail!("attention: dropout probability {p} must be in [0, 1)");
+                }
+                (p > 0.0).then(|| Dropout::new(p, seed))
+            }
+        };
+        Ok(Self {
+            b,
+            n,
+            h,
+            dh,
+            lengths,
+            left: o.window_left,
+            right: o.window_right,
+            dropout,
+        })
+    }
+
     /// Keys visible to at least one query in `[i0, i1)` of an item of length `len`.
     pub fn key_range(&self, len: usize, i0: usize, i1: usize) -> (usize, usize) {
         let lo = self.left.map_or(0, |l| i0.saturating_sub(l));
@@ -215,56 +264,12 @@ impl AttentionOp {
         if qkv.dtype() != DType::F32 {
             bail!("attention: qkv must be f32, got {:?}", qkv.dtype());
         }
-        let (b, n, c) = qkv.dims3()?;
-        let (h, dh) = (o.n_heads, o.head_dim);
-        if h == 0 || dh == 0 || c != 3 * h * dh {
-            bail!("attention: qkv last dim {c} != 3 * n_heads {h} * head_dim {dh}");
-        }
-        let rotary = match o.rotary {
-            None => None,
-            Some((cos, sin)) => {
-                if dh % 2 != 0 {
-                    bail!("attention: rotary needs an even head_dim, got {dh}");
-                }
-                if cos.len() != sin.len() || cos.len() % dh != 0 || cos.len() / dh < n {
-                    bail!(
-                        "attention: rotary tables must both be (n_max >= {n}) x {dh}, got {} and {} values",
-                        cos.len(),
-                        sin.len()
-                    );
-                }
-                Some((cos[..n * dh].to_vec(), sin[..n * dh].to_vec()))
-            }
-        };
-        let lengths = match o.lengths {
-            None => vec![n; b],
-            Some(l) => {
-                if l.len() != b || l.iter().any(|&x| x > n) {
-                    bail!("attention: lengths {l:?} must be {b} values <= {n}");
-                }
-                l.to_vec()
-            }
-        };
-        let dropout = match o.dropout {
-            None => None,
-            Some((p, seed)) => {
-                if !(0.0..1.0).contains(&p) {
-                    bail!("attention: dropout probability {p} must be in [0, 1)");
-                }
-                (p > 0.0).then(|| Dropout::new(p, seed))
-            }
-        };
+        let p = Problem::new(qkv, o)?;
+        let rotary = o
+            .rotary
+            .map(|(cos, sin)| (cos[..p.n * p.dh].to_vec(), sin[..p.n * p.dh].to_vec()));
         Ok(Self {
-            p: Problem {
-                b,
-                n,
-                h,
-                dh,
-                lengths,
-                left: o.window_left,
-                right: o.window_right,
-                dropout,
-            },
+            p,
             rotary,
             lse: Mutex::new(None),
         })

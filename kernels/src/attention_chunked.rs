@@ -8,30 +8,27 @@
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
-use super::{AttentionOptions, Dropout};
+use super::{AttentionOptions, Dropout, Problem};
 
 /// Attention of the interleaved `qkv` (B, N, 3*H*Dh), as
 /// [`crate::attention::attention`] (the same dropout mask), in query chunks
 /// of `chunk` rows.
 pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) -> Result<Tensor> {
-    let dropout = match opts.dropout {
-        Some((p, _)) if !(0.0..1.0).contains(&p) => {
-            bail!("attention_chunked: dropout probability {p} must be in [0, 1)")
-        }
-        Some((p, seed)) if p > 0.0 => Some(Dropout::new(p, seed)),
-        _ => None,
-    };
     if chunk == 0 {
         bail!("attention_chunked: the chunk must hold at least one query");
     }
-    let (b, n, _) = qkv.dims3()?;
-    let (h, dh) = (opts.n_heads, opts.head_dim);
-    let lengths: Vec<usize> = opts.lengths.map_or_else(|| vec![n; b], <[usize]>::to_vec);
-    if lengths.len() != b || lengths.iter().any(|&l| l > n) {
-        bail!("attention_chunked: lengths {lengths:?} must be {b} values <= {n}");
-    }
+    let Problem {
+        b,
+        n,
+        h,
+        dh,
+        lengths,
+        left,
+        right,
+        dropout,
+    } = Problem::new(qkv, opts)?;
     let (q, k, v) = crate::composed::attention_heads(qkv, opts)?;
-    let window = (opts.window_left, opts.window_right);
+    let window = (left, right);
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     for i0 in (0..n).step_by(chunk) {
         let rows = chunk.min(n - i0);
