@@ -10,13 +10,13 @@ use std::sync::Mutex;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention::{AttentionOptions, Problem};
-use crate::cuda::{f32_view, output, storage, ATTENTION};
+use crate::cuda::{
+    cuda_only_cpu_fwd, device_lengths, f32_view, grid, launch, output, storage, ATTENTION,
+};
 
 /// Largest head dimension the kernels take (four values per lane).
 pub(crate) const MAX_HEAD_DIM: usize = 128;
@@ -91,19 +91,9 @@ impl Core {
         }
     }
 
-    /// The items' lengths on `dev`.
-    fn lengths(&self, dev: &CudaDevice) -> Result<CudaSlice<i32>> {
-        let lengths: Vec<i32> = self.p.lengths.iter().map(|&l| l as i32).collect();
-        dev.clone_htod(&lengths)
-    }
-
-    /// The kernel `stem` for this head dimension.
-    fn func(
-        &self,
-        dev: &CudaDevice,
-        stem: &str,
-    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
-        ATTENTION.func(dev, &format!("{stem}_{}", self.p.dh.div_ceil(32)))
+    /// The name of kernel `stem` for this head dimension.
+    fn func(&self, stem: &str) -> String {
+        format!("{stem}_{}", self.p.dh.div_ceil(32))
     }
 
     /// A launch of `rows_per_warp * WARPS` rows per block over every head,
@@ -139,17 +129,7 @@ impl CustomOp3 for Core {
         "lcasr-attention-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: CPU attention runs its own op", self.name())
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -170,23 +150,24 @@ impl CustomOp3 for Core {
         let Problem { b, n, h, dh, .. } = self.p;
         let out = output(dev, b * h * n * dh)?;
         let lse = output(dev, b * h * n)?;
-        let lengths = self.lengths(dev)?;
+        let lengths = device_lengths(dev, &self.p.lengths)?;
         let shape = self.shape();
-        let func = self.func(dev, "lcasr_attention_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&q)
-            .arg(&k)
-            .arg(&v)
-            .arg(&lengths)
-            .arg(&out)
-            .arg(&lse)
-            .arg(&shape);
         let shared = (2 * TILE + WARPS * FWD_RPW) * (dh + 1);
-        // SAFETY: reads B*H*N*Dh of q, k, v and B of lengths; writes every
-        // row below N of out (Dh values) and of lse.
-        unsafe { launch.launch(self.grid(FWD_RPW, shared)) }.w()?;
+        // Reads B*H*N*Dh of q, k, v and B lengths; writes every row below N
+        // of out (Dh values) and of lse.
+        launch!(
+            ATTENTION,
+            dev,
+            &self.func("lcasr_attention_fwd"),
+            self.grid(FWD_RPW, shared),
+            &q,
+            &k,
+            &v,
+            &lengths,
+            &out,
+            &lse,
+            &shape
+        );
         *self.lse.lock().expect("attention lse lock") = Some(lse);
         Ok((storage(out, dev), ql.shape().clone()))
     }
@@ -241,17 +222,7 @@ impl CustomOp3 for Grad<'_> {
         "lcasr-attention-grad-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: CPU attention runs its own op", self.name())
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -286,65 +257,58 @@ impl CustomOp3 for Grad<'_> {
         let rows = b * h * n;
         let grads = output(dev, 3 * size)?;
         let delta = output(dev, rows)?;
-        let lengths = core.lengths(dev)?;
+        let lengths = device_lengths(dev, &core.p.lengths)?;
         let shape = core.shape();
-        let stream = dev.cuda_stream();
         let (rows_arg, dh_arg) = (rows as i64, dh as i32);
-        {
-            let func = ATTENTION.func(dev, "lcasr_attention_delta")?;
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&o)
-                .arg(&dout)
-                .arg(&delta)
-                .arg(&rows_arg)
-                .arg(&dh_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: reads rows x Dh of out and dout; writes rows of delta.
-            unsafe { launch.launch(cfg) }.w()?;
-        }
+        // One warp per row: reads rows x Dh of out and dout, writes rows of delta.
+        launch!(
+            ATTENTION,
+            dev,
+            "lcasr_attention_delta",
+            grid(rows * 32),
+            &o,
+            &dout,
+            &delta,
+            &rows_arg,
+            &dh_arg
+        );
         let dq = grads.slice(0..size);
         let dk = grads.slice(size..2 * size);
         let dv = grads.slice(2 * size..3 * size);
-        {
-            let func = core.func(dev, "lcasr_attention_bwd_dq")?;
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&q)
-                .arg(&k)
-                .arg(&v)
-                .arg(&dout)
-                .arg(lse)
-                .arg(&delta)
-                .arg(&lengths)
-                .arg(&dq)
-                .arg(&shape);
-            let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1);
-            // SAFETY: reads the heads, dout, lse and delta; writes every row of dq.
-            unsafe { launch.launch(core.grid(BWD_RPW, shared)) }.w()?;
-        }
-        {
-            let func = core.func(dev, "lcasr_attention_bwd_dkv")?;
-            let mut launch = stream.launch_builder(&func);
-            launch
-                .arg(&q)
-                .arg(&k)
-                .arg(&v)
-                .arg(&dout)
-                .arg(lse)
-                .arg(&delta)
-                .arg(&lengths)
-                .arg(&dk)
-                .arg(&dv)
-                .arg(&shape);
-            let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1) + 3 * TILE;
-            // SAFETY: reads the heads, dout, lse and delta; writes every row of dk and dv.
-            unsafe { launch.launch(core.grid(BWD_RPW, shared)) }.w()?;
-        }
+        let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1);
+        // Both read the heads, dout, lse and delta; they write every row of
+        // dq, and of dk and dv.
+        launch!(
+            ATTENTION,
+            dev,
+            &core.func("lcasr_attention_bwd_dq"),
+            core.grid(BWD_RPW, shared),
+            &q,
+            &k,
+            &v,
+            &dout,
+            lse,
+            &delta,
+            &lengths,
+            &dq,
+            &shape
+        );
+        launch!(
+            ATTENTION,
+            dev,
+            &core.func("lcasr_attention_bwd_dkv"),
+            core.grid(BWD_RPW, shared + 3 * TILE),
+            &q,
+            &k,
+            &v,
+            &dout,
+            lse,
+            &delta,
+            &lengths,
+            &dk,
+            &dv,
+            &shape
+        );
         Ok((storage(grads, dev), Shape::from(3 * size)))
     }
 }
@@ -378,9 +342,7 @@ impl candle_core::CustomOp1 for DropoutMask {
         "lcasr-attention-dropout-mask-cuda"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU builds its masks on the host", self.name())
-    }
+    cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         let dev = &s.device;
@@ -389,21 +351,22 @@ impl candle_core::CustomOp1 for DropoutMask {
         let out = output(dev, total)?;
         let (items, heads, i0, rows_arg, n_arg) =
             (b as i64, h as i32, i0 as i64, rows as i64, n as i64);
-        let func = ATTENTION.func(dev, "lcasr_attention_dropout_mask")?;
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&out)
-            .arg(&items)
-            .arg(&heads)
-            .arg(&i0)
-            .arg(&rows_arg)
-            .arg(&n_arg)
-            .arg(&self.seed)
-            .arg(&self.threshold)
-            .arg(&self.keep_scale);
-        // SAFETY: writes each of the B*H*rows*N elements of `out` once.
-        unsafe { launch.launch(crate::cuda::grid(total)) }.w()?;
+        // Writes each of the B*H*rows*N elements of `out` once.
+        launch!(
+            ATTENTION,
+            dev,
+            "lcasr_attention_dropout_mask",
+            grid(total),
+            &out,
+            &items,
+            &heads,
+            &i0,
+            &rows_arg,
+            &n_arg,
+            &self.seed,
+            &self.threshold,
+            &self.keep_scale
+        );
         Ok((storage(out, dev), Shape::from((b, h, rows, n))))
     }
 }

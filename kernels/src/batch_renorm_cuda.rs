@@ -3,23 +3,18 @@
 //! the partial sums up in block order, in f64 (deterministic), and computes
 //! every per-channel coefficient with the CPU kernel's own code.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor,
-};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{bail, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::{BatchInfo, Renorm};
-use crate::cuda::{block_grid, f32_view, grid, launch, output, row_parts, storage, RENORM};
+use crate::cuda::{
+    block_grid, cuda_only_cpu_fwd, device_lengths, f32_view, grid, launch, output, row_parts,
+    storage, RENORM,
+};
 
 /// Threads per partial-sum block (one channel each, strided).
 const THREADS: u32 = 256;
-
-/// Items' valid lengths on `dev`.
-fn lengths(dev: &CudaDevice, valid: &[usize]) -> Result<CudaSlice<i32>> {
-    let v: Vec<i32> = valid.iter().map(|&l| l as i32).collect();
-    dev.clone_htod(&v)
-}
 
 /// Per-channel sums of the partial-sum rows `part` (parts x width), in order, in f64.
 fn fold_parts(part: &Tensor, width: usize) -> Result<Vec<f64>> {
@@ -75,9 +70,7 @@ impl CustomOp1 for ChannelSums {
         "lcasr-renorm-sums-cuda"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU BatchRenorm sums in its own op", self.name())
-    }
+    cuda_only_cpu_fwd!(1);
 
     fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
         let (x, dev) = f32_view(xs, xl, self.name())?;
@@ -85,7 +78,7 @@ impl CustomOp1 for ChannelSums {
         let rows = xl.shape().elem_count() / c;
         let (per, n_parts) = row_parts(rows);
         let part = output(dev, n_parts * c)?;
-        let lens = lengths(dev, &self.valid)?;
+        let lens = device_lengths(dev, &self.valid)?;
         let mean = dev.clone_htod(self.mean.as_deref().unwrap_or(&[0.0]))?;
         let squared = i32::from(self.mean.is_some());
         let (rows, t_len, c_arg, per) = (rows as i64, self.t_len as i64, c as i32, per as i64);
@@ -183,15 +176,7 @@ impl CustomOp2 for DirectGrad {
         "lcasr-renorm-grad-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU BatchRenorm has its own backward", self.name())
-    }
+    cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -254,15 +239,7 @@ impl CustomOp2 for StatsGrad {
         "lcasr-renorm-stats-grad-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU BatchRenorm has its own backward", self.name())
-    }
+    cuda_only_cpu_fwd!(2);
 
     fn cuda_fwd(
         &self,
@@ -276,7 +253,7 @@ impl CustomOp2 for StatsGrad {
         let n = xl.shape().elem_count();
         let c = self.k.len() / 3;
         let out = output(dev, n)?;
-        let lens = lengths(dev, &self.valid)?;
+        let lens = device_lengths(dev, &self.valid)?;
         let k = dev.clone_htod(&self.k)?;
         let (rows, t_len, c_arg) = ((n / c) as i64, self.t_len as i64, c as i32);
         launch!(

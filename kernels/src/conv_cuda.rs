@@ -6,12 +6,12 @@
 
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::conv2d::out_len;
-use crate::cuda::{block_grid, f32_view, grid, launch, output, row_parts, storage, CONV};
+use crate::cuda::{
+    block_grid, cuda_only_cpu_fwd, f32_view, grid, launch, output, row_parts, storage, CONV,
+};
 
 /// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
 const THREADS: u32 = 256;
@@ -185,17 +185,7 @@ impl CustomOp3 for ConvOp {
         "lcasr-conv-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU convolutions run their own ops", self.name())
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
@@ -312,17 +302,7 @@ impl CustomOp3 for ConvGrad<'_> {
         "lcasr-conv-grad-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("{}: the CPU convolutions run their own ops", self.name())
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,

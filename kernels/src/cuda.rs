@@ -81,6 +81,12 @@ pub(crate) fn grid(elems: usize) -> LaunchConfig {
     }
 }
 
+/// Per-item lengths (valid frames) as the kernels' `int` buffer on `dev`.
+pub(crate) fn device_lengths(dev: &CudaDevice, lengths: &[usize]) -> Result<CudaSlice<i32>> {
+    let v: Vec<i32> = lengths.iter().map(|&l| l as i32).collect();
+    dev.clone_htod(&v)
+}
+
 /// Most partial sums a reduction over rows is split into (one block each).
 const MAX_ROW_PARTS: usize = 256;
 
@@ -117,6 +123,46 @@ macro_rules! launch {
     }};
 }
 pub(crate) use launch;
+
+/// The `cpu_fwd` of a custom op that runs on CUDA devices only (the CPU
+/// computes the same thing in another op): an error naming the op. The
+/// argument is the op's arity (1 to 3).
+macro_rules! cuda_only_cpu_fwd {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: runs on CUDA devices only", self.name())
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: runs on CUDA devices only", self.name())
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            candle_core::bail!("{}: runs on CUDA devices only", self.name())
+        }
+    };
+}
+pub(crate) use cuda_only_cpu_fwd;
 
 /// Wraps a kernel's output as candle storage on `dev`.
 pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {

@@ -5,9 +5,9 @@
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::cuda::{f32_view, output, storage, NORM};
+use crate::cuda::{cuda_only_cpu_fwd, f32_view, output, storage, NORM};
 
 /// Threads per block (`NORM_THREADS` in norm.cu).
 const THREADS: u32 = 256;
@@ -106,20 +106,7 @@ impl CustomOp3 for NormGrad {
         "lcasr-norm-grad-cuda"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!(
-            "{}: the CPU norms compute their gradients in their own ops",
-            self.name()
-        )
-    }
+    cuda_only_cpu_fwd!(3);
 
     fn cuda_fwd(
         &self,
