@@ -29,6 +29,14 @@ fn env(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// `", <label> N MiB"` with the device's peak allocated memory, or nothing
+/// on the CPU.
+fn gpu_peak_note(device: &Device, label: &str) -> String {
+    lcasr::runtime::peak::device_peak(device).map_or(String::new(), |b| {
+        format!(", {label} {:.0} MiB", b as f64 / (1u64 << 20) as f64)
+    })
+}
+
 fn peak_rss_mib() -> f64 {
     lcasr::runtime::peak::peak().map_or(f64::NAN, |b| b as f64 / (1u64 << 20) as f64)
 }
@@ -104,7 +112,15 @@ fn main() {
             .unwrap();
         let forward_done = phases.then(|| {
             device.synchronize().unwrap();
-            start.elapsed()
+            let elapsed = start.elapsed();
+            // Reported at once: a step killed later by a time limit still
+            // tells how far it got.
+            eprintln!(
+                "  forward done after {:.0} ms{}",
+                elapsed.as_secs_f64() * 1e3,
+                gpu_peak_note(&device, "peak GPU allocated so far")
+            );
+            elapsed
         });
         let loss = ctc(
             &out.logits,
@@ -151,10 +167,7 @@ fn main() {
         times[0],
         times[times.len() / 2],
         peak_rss_mib(),
-        lcasr::runtime::peak::device_peak(&device).map_or(String::new(), |b| format!(
-            ", peak GPU allocated {:.0} MiB",
-            b as f64 / (1u64 << 20) as f64
-        ))
+        gpu_peak_note(&device, "peak GPU allocated")
     );
     let infer_t = env("LCASR_BENCH_INFER_T", 0);
     if infer_t > 0 {

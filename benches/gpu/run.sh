@@ -15,9 +15,12 @@
 # LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16"),
 # LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
 # LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240);
-# LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first. Environment
-# the programs read passes through, e.g. LCASR_ATTENTION_CHUNK=1024 (chunked
-# attention through cuBLAS instead of the CUDA kernel; docs/gpu.md).
+# LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first.
+# LCASR_GPU_ATTENTION lists the attention paths lcasr runs parts 2 and 3 with
+# (default "kernel"): "kernel" is the fused CUDA kernel, a number N is
+# chunked attention through cuBLAS, N query rows at a time
+# (LCASR_ATTENTION_CHUNK=N; docs/gpu.md), e.g. LCASR_GPU_ATTENTION="1024 kernel".
+# Other environment the programs read passes through.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${1:-target/gpu-bundle}
@@ -30,6 +33,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 # lzma, which every Python has.
 steps=" ${LCASR_GPU_STEPS:-1 2 3 4} "
 want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# Runs "$@" once per attention path of LCASR_GPU_ATTENTION.
+each_attention() {
+  local path
+  for path in ${LCASR_GPU_ATTENTION:-kernel}; do
+    echo "-- attention: $path"
+    if [ "$path" = kernel ]; then
+      env -u LCASR_ATTENTION_CHUNK "$@"
+    else
+      LCASR_ATTENTION_CHUNK=$path "$@"
+    fi
+  done
+}
+
 bin=/tmp/lcasr-gpu
 mkdir -p "$bin"
 for b in gpu_parity model_step lcasr; do
@@ -57,16 +73,6 @@ if want 1; then
   parity=$?
 fi
 
-# GPU memory in use, sampled every 100 ms, for lcasr's peak (PyTorch reports
-# its allocator's own peak).
-peak_gpu_mib() {
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$out/mem.txt" &
-  local sampler=$!
-  "$@"
-  kill "$sampler"
-  echo "peak GPU memory in use: $(sort -n "$out/mem.txt" | tail -n 1) MiB"
-}
-
 if want 2; then
   echo "== 2. training step on the GPU: lcasr vs PyTorch"
   for shape in "8 4096" "2 16384" "2 2048"; do
@@ -74,7 +80,7 @@ if want 2; then
     LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
       timeout 90 python3 "$bundle/model_torch.py"
     LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
-      LCASR_BENCH_PHASES=1 peak_gpu_mib timeout 90 "$bin/model_step"
+      LCASR_BENCH_PHASES=1 each_attention timeout 90 "$bin/model_step"
   done
 fi
 
@@ -89,7 +95,7 @@ if want 3; then
     if [ -n "${LCASR_GPU_HOUR_TORCH:-}" ]; then
       timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" python3 "$bundle/model_torch.py"
     fi
-    peak_gpu_mib timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" "$bin/model_step"
+    each_attention timeout "${LCASR_GPU_HOUR_TIMEOUT:-240}" "$bin/model_step"
   done
 fi
 
