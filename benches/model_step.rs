@@ -135,6 +135,7 @@ fn main() {
             device.synchronize().unwrap();
             start.elapsed()
         });
+        lcasr_kernels::device_memory::trace(|| "CTC loss done".into(), &device);
         let grads = loss.backward().unwrap();
         device.synchronize().unwrap();
         drop(grads);

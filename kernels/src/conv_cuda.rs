@@ -1,16 +1,20 @@
 //! The CUDA side of the convolutions (`cuda/conv.cu`): depthwise conv1d,
-//! depthwise conv2d k3 s2 and conv2d k3 s2 (with optional SiLU) on f32. Each
-//! runs as one op whose backward is a second op packing the input gradient
-//! and the per-block partial sums of the weight and bias gradients, which are
-//! then added up (no atomics: deterministic).
+//! depthwise conv2d k3 s2 and conv2d k3 s2 (with optional SiLU) on f32, bf16
+//! or f16 activations, with f32 weights and arithmetic. Each runs as one op
+//! whose backward runs two more: the input gradient in the activations'
+//! dtype (only when the input takes part in a graph), and the per-block
+//! partial sums of the weight and bias gradients in f32, which are then added
+//! up (no atomics: deterministic).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{bail, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::conv2d::out_len;
 use crate::cuda::{
-    block_grid, cuda_only_cpu_fwd, f32_view, grid, launch, output, row_parts, storage, CONV,
+    block_grid, cuda_only_cpu_fwd, f32_view, grid, launch, output, output_of, row_parts, storage,
+    view, CONV,
 };
 
 /// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
@@ -52,10 +56,9 @@ struct ConvShape {
 unsafe impl DeviceRepr for ConvShape {}
 
 /// `conv` by its CUDA kernel when `x` is on a CUDA device (bf16 and f16
-/// computed in f32 and cast back, recomputed in the backward); `None` where
-/// another path must run it
-/// (not CUDA, the composed path forced, or a conv2d wider than
-/// [`MAX_CONV2D_CIN`] input channels).
+/// activations read and written as such, the weights taken in f32); `None`
+/// where another path must run it (not CUDA, the composed path forced, or a
+/// conv2d wider than [`MAX_CONV2D_CIN`] input channels).
 pub(crate) fn try_apply(
     conv: Conv,
     x: &Tensor,
@@ -69,28 +72,59 @@ pub(crate) fn try_apply(
     if matches!(conv, Conv::Full { .. }) && x.dim(1)? > MAX_CONV2D_CIN {
         return Ok(None);
     }
-    if x.dtype() == DType::F32 {
-        return Ok(Some(in_f32(
-            conv,
-            &[x.clone(), weight.clone(), bias.clone()],
-        )?));
-    }
-    // Half precision: the f32 kernel between casts, as one node that keeps
-    // only the half-precision inputs and output (the f32 copies around the
-    // kernel would otherwise stay in the graph: at the subsampling's first
-    // plane, twice the plane's size) and runs the convolution again in the
-    // backward.
-    Ok(Some(crate::recompute::node(
-        &[x, weight, bias],
-        move |t| in_f32(conv, t),
+    // The weights in f32 (small; the casts' backward returns their
+    // gradients in the weights' dtype); the activations stay as they are:
+    // no f32 copy of a plane, which at the subsampling's first convolution
+    // of a long input is gigabytes.
+    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    Ok(Some(x.contiguous()?.apply_op3(
+        &f32_of(weight)?,
+        &f32_of(bias)?,
+        ConvOp(conv),
     )?))
 }
 
-/// `conv` of `t` = [x, weight, bias] by the f32 kernel, in `x`'s dtype.
-fn in_f32(conv: Conv, t: &[Tensor]) -> Result<Tensor> {
-    let f32_of = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
-    let y = f32_of(&t[0])?.apply_op3(&f32_of(&t[1])?, &f32_of(&t[2])?, ConvOp(conv))?;
-    y.to_dtype(t[0].dtype())
+/// An activation dtype the kernels take, and the suffix of their names.
+trait Act: CudaDType + DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+impl Act for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// Runs `$body` with `$t` the [`Act`] type of `$dtype` (an error for others).
+macro_rules! with_act {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            d => bail!("{}: activations must be f32, bf16 or f16, got {d:?}", $op),
+        }
+    };
+}
+
+/// Kernel `base` for activations of type `T`.
+fn kernel<T: Act>(base: &str) -> String {
+    format!("{base}_{}", T::SUFFIX)
 }
 
 /// The shapes the kernels rely on.
@@ -180,6 +214,73 @@ impl Dims {
 /// The forward op.
 struct ConvOp(Conv);
 
+impl ConvOp {
+    /// The forward on activations of type `T`.
+    fn fwd<T: Act>(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let x = view::<T>(xs, xl, op)?;
+        let (w, dev) = f32_view(ws, wl, op)?;
+        let (b, _) = f32_view(bs, bl, op)?;
+        let d = Dims::new(xl, wl);
+        let out_dims = d.out(self.0);
+        let n: usize = out_dims.iter().product();
+        let y = output_of::<T>(dev, n)?;
+        match self.0 {
+            Conv::Depthwise1d => {
+                let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
+                let (c, k) = (d.x[2] as i32, d.w[1] as i32);
+                let f = kernel::<T>("lcasr_dwconv1d_fwd");
+                launch!(
+                    CONV,
+                    dev,
+                    &f,
+                    grid(n),
+                    &x,
+                    &w,
+                    &b,
+                    &y,
+                    &rows,
+                    &t_len,
+                    &c,
+                    &k
+                );
+            }
+            Conv::Depthwise2d => {
+                let s = d.shape(false);
+                let planes = (d.x[0] * d.x[1]) as i64;
+                let f = kernel::<T>("lcasr_dwconv2d_fwd");
+                launch!(
+                    CONV,
+                    dev,
+                    &f,
+                    grid(n),
+                    &x,
+                    &w,
+                    &b,
+                    &y,
+                    &planes,
+                    &s.cin,
+                    &s.h,
+                    &s.wd,
+                    &s.ho,
+                    &s.wo
+                );
+            }
+            Conv::Full { silu } => {
+                let s = d.shape(silu);
+                let f = kernel::<T>("lcasr_conv2d_fwd");
+                launch!(CONV, dev, &f, grid(n), &x, &w, &b, &y, &s);
+            }
+        }
+        Ok((storage(y, dev), Shape::from(out_dims)))
+    }
+}
+
 impl CustomOp3 for ConvOp {
     fn name(&self) -> &'static str {
         "lcasr-conv-cuda"
@@ -196,59 +297,7 @@ impl CustomOp3 for ConvOp {
         bs: &CudaStorage,
         bl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let (x, dev) = f32_view(xs, xl, op)?;
-        let (w, _) = f32_view(ws, wl, op)?;
-        let (b, _) = f32_view(bs, bl, op)?;
-        let d = Dims::new(xl, wl);
-        let out_dims = d.out(self.0);
-        let n: usize = out_dims.iter().product();
-        let y = output(dev, n)?;
-        match self.0 {
-            Conv::Depthwise1d => {
-                let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
-                let (c, k) = (d.x[2] as i32, d.w[1] as i32);
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv1d_fwd",
-                    grid(n),
-                    &x,
-                    &w,
-                    &b,
-                    &y,
-                    &rows,
-                    &t_len,
-                    &c,
-                    &k
-                );
-            }
-            Conv::Depthwise2d => {
-                let s = d.shape(false);
-                let planes = (d.x[0] * d.x[1]) as i64;
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv2d_fwd",
-                    grid(n),
-                    &x,
-                    &w,
-                    &b,
-                    &y,
-                    &planes,
-                    &s.cin,
-                    &s.h,
-                    &s.wd,
-                    &s.ho,
-                    &s.wo
-                );
-            }
-            Conv::Full { silu } => {
-                let s = d.shape(silu);
-                launch!(CONV, dev, "lcasr_conv2d_fwd", grid(n), &x, &w, &b, &y, &s);
-            }
-        }
-        Ok((storage(y, dev), Shape::from(out_dims)))
+        with_act!(xs.dtype(), self.name(), T => self.fwd::<T>((xs, xl), (ws, wl), (bs, bl)))
     }
 
     fn bwd(
@@ -260,10 +309,19 @@ impl CustomOp3 for ConvOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = grad.contiguous()?;
-        let packed = x.apply_op3_no_bwd(weight, &dy, &ConvGrad { conv: self.0, bias })?;
-        let n = x.elem_count();
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let parts = packed.narrow(0, n, packed.elem_count() - n)?;
+        let grad_op = |part| ConvGrad {
+            conv: self.0,
+            bias,
+            part,
+        };
+        // The input gradient only where the input takes part in a graph
+        // (not for the subsampling's features, where it is the costliest part).
+        let dx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(weight, &dy, &grad_op(GradPart::Input))?)
+        } else {
+            None
+        };
+        let parts = x.apply_op3_no_bwd(weight, &dy, &grad_op(GradPart::Params))?;
         let (dw, db) = match self.0 {
             Conv::Depthwise1d => {
                 let (c, k) = weight.dims2()?;
@@ -285,21 +343,123 @@ impl CustomOp3 for ConvOp {
                 (dw, sums.narrow(1, cin * 9, 1)?.contiguous()?.reshape(cout)?)
             }
         };
-        Ok((Some(dx), Some(dw), Some(db)))
+        Ok((dx, Some(dw), Some(db)))
     }
 }
 
-/// The backward of [`ConvOp`] as one op on (x, weight, dy): dx, then the
-/// partial sums of the weight and bias gradients.
+/// Which part of the backward a [`ConvGrad`] computes.
+#[derive(Clone, Copy)]
+enum GradPart {
+    /// The input gradient, in the activations' dtype.
+    Input,
+    /// The partial sums of the weight and bias gradients, in f32.
+    Params,
+}
+
+/// A part of the backward of [`ConvOp`], as one op on (x, weight, dy).
 struct ConvGrad<'a> {
     conv: Conv,
     /// The bias (the fused SiLU's backward recomputes the pre-activation).
     bias: &'a Tensor,
+    part: GradPart,
+}
+
+impl ConvGrad<'_> {
+    /// The backward part on activations of type `T`.
+    fn run<T: Act>(
+        &self,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (gs, gl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let bias = self.bias.contiguous()?;
+        let (bs, bl) = bias.storage_and_layout();
+        let Storage::Cuda(bs) = &*bs else {
+            bail!("{op}: the bias is not on a CUDA device");
+        };
+        let x = view::<T>(xs, xl, op)?;
+        let dy = view::<T>(gs, gl, op)?;
+        let (w, dev) = f32_view(ws, wl, op)?;
+        let (b, _) = f32_view(bs, bl, op)?;
+        let d = Dims::new(xl, wl);
+        let n = xl.shape().elem_count();
+        match self.part {
+            GradPart::Input => {
+                let dx = output_of::<T>(dev, n)?;
+                match self.conv {
+                    Conv::Depthwise1d => {
+                        let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
+                        let (c, k) = (d.x[2] as i32, d.w[1] as i32);
+                        let f = kernel::<T>("lcasr_dwconv1d_dx");
+                        launch!(CONV, dev, &f, grid(n), &dy, &w, &dx, &rows, &t_len, &c, &k);
+                    }
+                    Conv::Depthwise2d => {
+                        let s = d.shape(false);
+                        let planes = (d.x[0] * d.x[1]) as i64;
+                        let f = kernel::<T>("lcasr_dwconv2d_dx");
+                        launch!(
+                            CONV,
+                            dev,
+                            &f,
+                            grid(n),
+                            &dy,
+                            &w,
+                            &dx,
+                            &planes,
+                            &s.cin,
+                            &s.h,
+                            &s.wd,
+                            &s.ho,
+                            &s.wo
+                        );
+                    }
+                    Conv::Full { silu } => {
+                        let s = d.shape(silu);
+                        let f = kernel::<T>("lcasr_conv2d_dx");
+                        launch!(CONV, dev, &f, grid(n), &x, &w, &b, &dy, &dx, &s);
+                    }
+                }
+                Ok((storage(dx, dev), xl.shape().clone()))
+            }
+            GradPart::Params => {
+                let len = d.partial_len(self.conv);
+                let part = output(dev, len)?;
+                match self.conv {
+                    Conv::Depthwise1d => {
+                        let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
+                        let (c, k) = (d.x[2] as i32, d.w[1] as i32);
+                        let (per, parts) = d.parts_1d();
+                        let per = per as i64;
+                        let f = kernel::<T>("lcasr_dwconv1d_dw");
+                        let cfg = block_grid(parts, THREADS);
+                        launch!(CONV, dev, &f, cfg, &x, &dy, &part, &rows, &t_len, &c, &k, &per);
+                    }
+                    Conv::Depthwise2d => {
+                        let s = d.shape(false);
+                        let f = kernel::<T>("lcasr_dwconv2d_dw");
+                        let cfg = block_grid(d.x[0] * d.x[1], THREADS);
+                        launch!(CONV, dev, &f, cfg, &x, &dy, &part, &s.h, &s.wd, &s.ho, &s.wo);
+                    }
+                    Conv::Full { silu } => {
+                        let s = d.shape(silu);
+                        let f = kernel::<T>("lcasr_conv2d_dw");
+                        let cfg = block_grid(d.x[0] * d.w[0], THREADS);
+                        launch!(CONV, dev, &f, cfg, &x, &w, &b, &dy, &part, &s);
+                    }
+                }
+                Ok((storage(part, dev), Shape::from(len)))
+            }
+        }
+    }
 }
 
 impl CustomOp3 for ConvGrad<'_> {
     fn name(&self) -> &'static str {
-        "lcasr-conv-grad-cuda"
+        match self.part {
+            GradPart::Input => "lcasr-conv-grad-input-cuda",
+            GradPart::Params => "lcasr-conv-grad-params-cuda",
+        }
     }
 
     cuda_only_cpu_fwd!(3);
@@ -313,116 +473,6 @@ impl CustomOp3 for ConvGrad<'_> {
         gs: &CudaStorage,
         gl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
-        let bias = self.bias.contiguous()?;
-        let (bs, bl) = bias.storage_and_layout();
-        let Storage::Cuda(bs) = &*bs else {
-            bail!("{op}: the bias is not on a CUDA device");
-        };
-        let (x, dev) = f32_view(xs, xl, op)?;
-        let (w, _) = f32_view(ws, wl, op)?;
-        let (dy, _) = f32_view(gs, gl, op)?;
-        let (b, _) = f32_view(bs, bl, op)?;
-        let d = Dims::new(xl, wl);
-        let n = xl.shape().elem_count();
-        let total = n + d.partial_len(self.conv);
-        let out = output(dev, total)?;
-        let dx = out.slice(0..n);
-        let part = out.slice(n..total);
-        match self.conv {
-            Conv::Depthwise1d => {
-                let (rows, t_len) = ((d.x[0] * d.x[1]) as i64, d.x[1] as i64);
-                let (c, k) = (d.x[2] as i32, d.w[1] as i32);
-                let (per, parts) = d.parts_1d();
-                let per = per as i64;
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv1d_dx",
-                    grid(n),
-                    &dy,
-                    &w,
-                    &dx,
-                    &rows,
-                    &t_len,
-                    &c,
-                    &k
-                );
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv1d_dw",
-                    block_grid(parts, THREADS),
-                    &x,
-                    &dy,
-                    &part,
-                    &rows,
-                    &t_len,
-                    &c,
-                    &k,
-                    &per
-                );
-            }
-            Conv::Depthwise2d => {
-                let s = d.shape(false);
-                let planes = (d.x[0] * d.x[1]) as i64;
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv2d_dx",
-                    grid(n),
-                    &dy,
-                    &w,
-                    &dx,
-                    &planes,
-                    &s.cin,
-                    &s.h,
-                    &s.wd,
-                    &s.ho,
-                    &s.wo
-                );
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_dwconv2d_dw",
-                    block_grid(d.x[0] * d.x[1], THREADS),
-                    &x,
-                    &dy,
-                    &part,
-                    &s.h,
-                    &s.wd,
-                    &s.ho,
-                    &s.wo
-                );
-            }
-            Conv::Full { silu } => {
-                let s = d.shape(silu);
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_conv2d_dx",
-                    grid(n),
-                    &x,
-                    &w,
-                    &b,
-                    &dy,
-                    &dx,
-                    &s
-                );
-                launch!(
-                    CONV,
-                    dev,
-                    "lcasr_conv2d_dw",
-                    block_grid(d.x[0] * d.w[0], THREADS),
-                    &x,
-                    &w,
-                    &b,
-                    &dy,
-                    &part,
-                    &s
-                );
-            }
-        }
-        Ok((storage(out, dev), Shape::from(total)))
+        with_act!(xs.dtype(), self.name(), T => self.run::<T>((xs, xl), (ws, wl), (gs, gl)))
     }
 }

@@ -2,8 +2,10 @@
 //! build script) on candle's CUDA storage. Built with the `cuda` feature only.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig};
-use candle_core::cuda_backend::CudaDevice;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
 use candle_core::{bail, CudaStorage, Layout, Result};
 
 /// The PTX of `cuda/attention.cu`.
@@ -51,23 +53,37 @@ impl Module {
     }
 }
 
+/// The contiguous `T` values of `s` described by `l`.
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<CudaView<'a, T>> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("{op}: expected a contiguous input")
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
 /// The contiguous f32 values of `s` described by `l`, and their device.
 pub(crate) fn f32_view<'a>(
     s: &'a CudaStorage,
     l: &Layout,
     op: &str,
 ) -> Result<(CudaView<'a, f32>, &'a CudaDevice)> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        bail!("{op}: expected a contiguous input")
-    };
-    Ok((s.as_cuda_slice::<f32>()?.slice(start..end), s.device()))
+    Ok((view::<f32>(s, l, op)?, s.device()))
 }
 
-/// A fresh device buffer of `len` f32 values, each written by the kernel
-/// that receives it.
-pub(crate) fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+/// A fresh device buffer of `len` values, each written by the kernel that
+/// receives it.
+pub(crate) fn output_of<T: DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
     // SAFETY: every element is written by the kernel before it is read.
-    unsafe { dev.alloc::<f32>(len) }
+    unsafe { dev.alloc::<T>(len) }
+}
+
+/// [`output_of`] f32 values.
+pub(crate) fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
+    output_of::<f32>(dev, len)
 }
 
 /// A grid-stride launch over `elems` work items.
@@ -165,6 +181,6 @@ macro_rules! cuda_only_cpu_fwd {
 pub(crate) use cuda_only_cpu_fwd;
 
 /// Wraps a kernel's output as candle storage on `dev`.
-pub(crate) fn storage(slice: CudaSlice<f32>, dev: &CudaDevice) -> CudaStorage {
+pub(crate) fn storage<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }

@@ -9,6 +9,7 @@ pub mod activation;
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod attention_cuda;
+pub mod backward;
 pub mod batch_renorm;
 pub mod composed;
 pub mod conv2d;
@@ -19,6 +20,7 @@ pub mod ctc;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod depthwise_conv;
+pub mod device_memory;
 pub mod glu;
 pub mod norm;
 #[cfg(feature = "cuda")]

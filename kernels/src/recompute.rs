@@ -16,6 +16,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Error, Layout, Result, Shape, Tensor, Var,
 };
 
+use crate::device_memory::trace;
 use crate::storage_copy::owned_cpu_storage;
 
 /// A composition of one to three tensors.
@@ -43,6 +44,7 @@ pub(crate) fn node_with(
         return Ok(first);
     }
     let op = Recompute {
+        what: std::any::type_name_of_val(&f),
         f: Box::new(f),
         first: Mutex::new(Some(first)),
     };
@@ -56,6 +58,8 @@ pub(crate) fn node_with(
 
 /// The node: the composition, and its first output until the forward takes it.
 struct Recompute {
+    /// The composition's name (its closure's type), for the memory trace.
+    what: &'static str,
     f: Composition,
     first: Mutex<Option<Tensor>>,
 }
@@ -87,9 +91,18 @@ impl Recompute {
             .map(|t| Var::from_tensor(&t.detach()))
             .collect::<Result<Vec<_>>>()?;
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = (self.f)(&tensors)?;
-        let mut grads = (y * grad.detach())?.sum_all()?.backward()?;
-        Ok(vars.iter().map(|v| grads.remove(v.as_tensor())).collect())
+        let dev = grad.device();
+        trace(
+            || format!("{} {:?} backward starts", self.what, grad.dims()),
+            dev,
+        );
+        let grads = {
+            let y = (self.f)(&tensors)?;
+            let mut store = crate::backward::backward_from(&y, grad)?;
+            vars.iter().map(|v| store.remove(v.as_tensor())).collect()
+        };
+        trace(|| format!("{} backward ends", self.what), dev);
+        Ok(grads)
     }
 }
 

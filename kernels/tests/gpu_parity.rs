@@ -8,7 +8,7 @@
 
 mod ops_support;
 
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use lcasr_kernels::activation::{gelu_tanh, silu};
 use lcasr_kernels::attention::{attention, attention_chunked, AttentionOptions};
 use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
@@ -189,6 +189,80 @@ fn convolutions() {
             |t| depthwise_conv2d_k3s2(&t[0], &t[1], &t[2]),
             1e-4,
         );
+    }
+}
+
+/// A convolution with bf16 or f16 activations: the CUDA kernels read and
+/// write them as such and compute in f32. The CPU reference computes in f32
+/// on the same rounded inputs and rounds its output once.
+fn half_conv(
+    t: &[Tensor],
+    dtype: DType,
+    conv: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let rounded: Vec<Tensor> = t.iter().map(|x| x.to_dtype(dtype)).collect::<Result<_>>()?;
+    let y = if t[0].device().is_cpu() {
+        let f32s: Vec<Tensor> = rounded
+            .iter()
+            .map(|x| x.to_dtype(DType::F32))
+            .collect::<Result<_>>()?;
+        conv(&f32s[0], &f32s[1], &f32s[2])?.to_dtype(dtype)?
+    } else {
+        let y = conv(&rounded[0], &rounded[1], &rounded[2])?;
+        assert_eq!(y.dtype(), dtype, "the convolution changed the dtype");
+        y
+    };
+    y.to_dtype(DType::F32)
+}
+
+#[test]
+fn convolutions_in_half_precision() {
+    let mut rng = Rng::new(6);
+    // A few ulps of the half type, relative to the largest value.
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        for (dims, k) in [([2, 37, 24], 9), ([1, 700, 40], 31)] {
+            let x = rng.tensor(&dims, -1.0, 1.0);
+            let w = rng.tensor(&[dims[2], k], -0.5, 0.5);
+            let b = rng.tensor(&[dims[2]], -0.5, 0.5);
+            parity(
+                &format!("{dtype:?} depthwise_conv1d {dims:?} k {k}"),
+                &mut rng,
+                &[x, w, b],
+                |t| half_conv(t, dtype, depthwise_conv1d),
+                tol,
+            );
+        }
+        for dims in [[2, 1, 25, 20], [1, 3, 301, 80]] {
+            let x = rng.tensor(&dims, -1.0, 1.0);
+            let w = rng.tensor(&[8, dims[1], 3, 3], -0.5, 0.5);
+            let b = rng.tensor(&[8], -0.5, 0.5);
+            parity(
+                &format!("{dtype:?} conv2d_k3s2 {dims:?}"),
+                &mut rng,
+                &[x.clone(), w.clone(), b.clone()],
+                |t| half_conv(t, dtype, conv2d_k3s2),
+                tol,
+            );
+            parity(
+                &format!("{dtype:?} conv2d_k3s2_silu {dims:?}"),
+                &mut rng,
+                &[x, w, b],
+                |t| half_conv(t, dtype, conv2d_k3s2_silu),
+                tol,
+            );
+        }
+        for dims in [[2, 8, 13, 10], [1, 4, 301, 40]] {
+            let x = rng.tensor(&dims, -1.0, 1.0);
+            let w = rng.tensor(&[dims[1], 1, 3, 3], -0.5, 0.5);
+            let b = rng.tensor(&[dims[1]], -0.5, 0.5);
+            parity(
+                &format!("{dtype:?} depthwise_conv2d_k3s2 {dims:?}"),
+                &mut rng,
+                &[x, w, b],
+                |t| half_conv(t, dtype, depthwise_conv2d_k3s2),
+                tol,
+            );
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, Var,
 };
+use lcasr_kernels::device_memory::trace;
 use lcasr_kernels::storage_copy::owned_cpu_storage;
 
 use super::conformer::ConformerLayer;
@@ -149,8 +150,12 @@ impl CustomOp2 for BlockCheckpoint {
             replay.fork(true, replay.renorm_replay.clone())
         };
         let input = Var::from_tensor(&x.detach())?;
+        trace(
+            || format!("{NODE} {:?} backward starts", x.dims()),
+            x.device(),
+        );
         let y = self.layer.forward(input.as_tensor(), &ctx)?;
-        let mut grads = (y * grad_res.detach())?.sum_all()?.backward()?;
+        let mut grads = lcasr_kernels::backward::backward_from(&y, grad_res)?;
         {
             let mut slots = lock(&self.slots);
             for (slot, p) in slots.iter_mut().zip(&self.params) {
@@ -158,6 +163,8 @@ impl CustomOp2 for BlockCheckpoint {
             }
         }
         let grad_x = grads.remove(input.as_tensor());
+        drop(grads);
+        trace(|| format!("{NODE} backward ends"), x.device());
         // The anchor must receive a gradient for backward to reach the ties.
         Ok((grad_x, Some(anchor.zeros_like()?)))
     }
@@ -176,7 +183,7 @@ impl CustomOp1 for ParamTie {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+        Ok(lcasr_kernels::backward::zero_scalar_cpu())
     }
 
     #[cfg(feature = "cuda")]
@@ -185,9 +192,7 @@ impl CustomOp1 for ParamTie {
         s: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let zero = s.device().zeros_impl(&Shape::from(()), DType::F32)?;
-        Ok((zero, Shape::from(())))
+        lcasr_kernels::backward::zero_scalar_cuda(s)
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {

@@ -36,67 +36,13 @@ pub fn reset_peak() -> bool {
 /// started or the last [`reset_device_peak`], in bytes; `None` on the CPU
 /// (use [`peak`]) or where the driver cannot tell.
 pub fn device_peak(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        return cuda_pool::used_high(dev);
-    }
-    let _ = device;
-    None
+    lcasr_kernels::device_memory::usage(device).map(|(_, high)| high)
 }
 
 /// Starts a new [`device_peak`] from the memory allocated now; false on the
 /// CPU or where the driver refuses.
 pub fn reset_device_peak(device: &Device) -> bool {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        return cuda_pool::reset_used_high(dev);
-    }
-    let _ = device;
-    false
-}
-
-/// The used-memory high-water mark of a CUDA device's default memory pool.
-#[cfg(feature = "cuda")]
-mod cuda_pool {
-    use candle_core::backend::BackendDevice;
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    use candle_core::CudaDevice;
-
-    const USED_HIGH: sys::CUmemPool_attribute =
-        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-
-    fn default_pool(dev: &CudaDevice) -> Option<sys::CUmemoryPool> {
-        let stream = dev.cuda_stream();
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: writes the pool handle of a device the context was made for.
-        let r = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, stream.context().cu_device()) };
-        (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
-    }
-
-    pub(super) fn used_high(dev: &CudaDevice) -> Option<u64> {
-        dev.synchronize().ok()?;
-        let pool = default_pool(dev)?;
-        let mut bytes: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute written to `bytes`.
-        let r =
-            unsafe { sys::cuMemPoolGetAttribute(pool, USED_HIGH, (&mut bytes as *mut u64).cast()) };
-        (r == sys::CUresult::CUDA_SUCCESS).then_some(bytes)
-    }
-
-    pub(super) fn reset_used_high(dev: &CudaDevice) -> bool {
-        if dev.synchronize().is_err() {
-            return false;
-        }
-        let Some(pool) = default_pool(dev) else {
-            return false;
-        };
-        // The driver accepts only 0: "reset to the memory in use now".
-        let mut zero: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute read from `zero`.
-        let r =
-            unsafe { sys::cuMemPoolSetAttribute(pool, USED_HIGH, (&mut zero as *mut u64).cast()) };
-        r == sys::CUresult::CUDA_SUCCESS
-    }
+    lcasr_kernels::device_memory::reset_high(device)
 }
 
 fn status_kib(key: &str) -> Option<u64> {

@@ -1,0 +1,123 @@
+//! Back-propagation from an intermediate tensor with a given gradient, for
+//! the nodes that recompute a piece of the graph in their backward
+//! (`recompute.rs`, the model's checkpointed blocks).
+//!
+//! candle starts a backward pass only from a scalar (seeded with one). The
+//! usual way to seed `y` with a gradient `g`, `(y * g).sum_all().backward()`,
+//! costs six to eight tensors of `y`'s size: the product (kept by the graph),
+//! the sum's broadcast gradient, the product's gradients for both factors
+//! (the one for `g` is computed although `g` tracks nothing, and stays in the
+//! gradient store), each accumulated onto a fresh zero tensor. At the
+//! subsampling's first plane of an hour-long input that is tens of
+//! gigabytes. [`backward_from`] seeds through a node that hands `g` on as
+//! its input's gradient: one tensor of `y`'s size (candle adds it to a zero
+//! tensor).
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+/// The gradients of everything `y` depends on, for `grad`, the gradient of
+/// some loss with respect to `y` (same shape and dtype): what
+/// `(y * grad).sum_all().backward()` gives, bit for bit, without its
+/// temporaries.
+pub fn backward_from(y: &Tensor, grad: &Tensor) -> Result<GradStore> {
+    if y.shape() != grad.shape() || y.dtype() != grad.dtype() {
+        bail!(
+            "backward_from: gradient {:?} {:?} for a tensor {:?} {:?}",
+            grad.shape(),
+            grad.dtype(),
+            y.shape(),
+            y.dtype()
+        );
+    }
+    y.apply_op1(Seed(grad.detach()))?.backward()
+}
+
+/// A zero scalar depending on its input, whose backward hands on the held
+/// gradient as the input's gradient.
+struct Seed(Tensor);
+
+impl CustomOp1 for Seed {
+    fn name(&self) -> &'static str {
+        "lcasr-backward-seed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok(zero_scalar_cpu())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        zero_scalar_cuda(s)
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.0.clone()))
+    }
+}
+
+/// The output of a node whose value is a zero f32 scalar (one that only
+/// carries gradients), on the CPU.
+pub fn zero_scalar_cpu() -> (CpuStorage, Shape) {
+    (CpuStorage::F32(vec![0.0]), Shape::from(()))
+}
+
+/// [`zero_scalar_cpu`] on the CUDA device of `s`.
+#[cfg(feature = "cuda")]
+pub fn zero_scalar_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::{BackendDevice, BackendStorage};
+    let zero = s
+        .device()
+        .zeros_impl(&Shape::from(()), candle_core::DType::F32)?;
+    Ok((zero, Shape::from(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+
+    use super::*;
+
+    /// Same gradients as the product-and-sum seeding, bit for bit, through
+    /// a graph with a non-linearity, a broadcast and a reduction.
+    #[test]
+    fn matches_product_seeding() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 5), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., 5, &dev)?)?;
+        let y = (x.as_tensor().broadcast_mul(w.as_tensor())?.tanh()? * 3.)?;
+        let y = y.sum_keepdim(1)?.broadcast_add(&y)?;
+        let g = Tensor::randn(0f32, 1., (3, 5), &dev)?;
+        let want = (&y * &g)?.sum_all()?.backward()?;
+        let got = backward_from(&y, &g)?;
+        for v in [&x, &w] {
+            let (a, b) = (
+                want.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+                got.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+            assert_eq!(a, b);
+        }
+        Ok(())
+    }
+
+    /// A gradient of another shape or dtype is an error, not a broadcast.
+    #[test]
+    fn rejects_a_mismatched_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let y = Var::from_tensor(&Tensor::zeros((2, 3), DType::F32, &dev)?)?;
+        let y = y.as_tensor();
+        assert!(backward_from(y, &Tensor::zeros(3, DType::F32, &dev)?).is_err());
+        assert!(backward_from(y, &Tensor::zeros((2, 3), DType::BF16, &dev)?).is_err());
+        Ok(())
+    }
+}
