@@ -96,11 +96,11 @@ impl Recompute {
             || format!("{} {:?} backward starts", self.what, grad.dims()),
             dev,
         );
-        let grads = {
-            let y = (self.f)(&tensors)?;
-            let mut store = crate::backward::backward_from(&y, grad)?;
-            vars.iter().map(|v| store.remove(v.as_tensor())).collect()
-        };
+        let y = (self.f)(&tensors)?;
+        let wrt: Vec<&Tensor> = tensors.iter().collect();
+        let grads = crate::backward::backward_from(&y, grad, &wrt)?;
+        // The recomputed graph goes with `y`.
+        drop(y);
         trace(|| format!("{} backward ends", self.what), dev);
         Ok(grads)
     }

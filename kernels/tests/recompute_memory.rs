@@ -1,8 +1,9 @@
 //! What the recompute node is for: an op on its composed path keeps only its
 //! inputs and output for the backward, not the composition's intermediates;
-//! chunked attention keeps memory linear in the sequence length.
-//! Bytes still allocated after the forward (the graph alive, before the
-//! backward) are counted with a counting allocator; one test in this binary,
+//! chunked attention keeps memory linear in the sequence length, in the
+//! forward and in the backward. Bytes still allocated after the forward (the
+//! graph alive, before the backward) and the most allocated during the
+//! backward are counted with a counting allocator; one test in this binary,
 //! so nothing else allocates meanwhile.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -18,13 +19,15 @@ use lcasr_kernels::with_composed_ops;
 struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to the system allocator; the counter has no effect on it.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let p = System.alloc(layout);
         if !p.is_null() {
-            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
         }
         p
     }
@@ -51,6 +54,28 @@ fn retained(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> usize
     let after = LIVE.load(Ordering::Relaxed);
     drop(out);
     after - before
+}
+
+/// Most bytes allocated at once during the backward pass of a loss on
+/// `f(inputs)`, beyond what was allocated when it started.
+fn backward_peak(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> usize {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let loss = with_composed_ops(|| f(&tensors))
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let grads = loss.backward().unwrap();
+    let peak = PEAK.load(Ordering::Relaxed) - before;
+    drop(grads);
+    peak
 }
 
 fn ramp(dims: &[usize], scale: f32) -> Tensor {
@@ -116,5 +141,17 @@ fn composed_ops_keep_only_inputs_and_output() {
     assert!(
         c2 / c1 < 2.2 && p2 / p1 > 3.5 && p2 > 10.0 * c2,
         "attention at N 512 -> 1024: chunked keeps {c1} -> {c2} bytes, the composition {p1} -> {p2}"
+    );
+    // Its backward too: each chunk's gradients come back detached, so the
+    // chunks' recomputed scores do not pile up until the backward ends
+    // (they did: 3.7x per doubling of N).
+    let bwd = |n: usize| {
+        let qkv = [ramp(&[1, n, 3 * h * dh], 1.0)];
+        backward_peak(&qkv, |t| attention_chunked(&t[0], &opts, 64)) as f64
+    };
+    let (b1, b2) = (bwd(1024), bwd(2048));
+    assert!(
+        b2 / b1 < 2.4,
+        "chunked attention's backward at N 1024 -> 2048: peak {b1} -> {b2} bytes"
     );
 }

@@ -155,15 +155,15 @@ impl CustomOp2 for BlockCheckpoint {
             x.device(),
         );
         let y = self.layer.forward(input.as_tensor(), &ctx)?;
-        let mut grads = lcasr_kernels::backward::backward_from(&y, grad_res)?;
-        {
-            let mut slots = lock(&self.slots);
-            for (slot, p) in slots.iter_mut().zip(&self.params) {
-                *slot = grads.remove(p.as_tensor());
-            }
+        let wrt: Vec<&Tensor> = std::iter::once(input.as_tensor())
+            .chain(self.params.iter().map(Var::as_tensor))
+            .collect();
+        let mut grads = lcasr_kernels::backward::backward_from(&y, grad_res, &wrt)?.into_iter();
+        let grad_x = grads.next().flatten();
+        for (slot, g) in lock(&self.slots).iter_mut().zip(grads) {
+            *slot = g;
         }
-        let grad_x = grads.remove(input.as_tensor());
-        drop(grads);
+        drop(y);
         trace(|| format!("{NODE} backward ends"), x.device());
         // The anchor must receive a gradient for backward to reach the ties.
         Ok((grad_x, Some(anchor.zeros_like()?)))
