@@ -56,11 +56,16 @@ pub fn ctc_loss(
     let op = Ctc {
         labels: targets.iter().map(|tg| Labels::new(tg, blank)).collect(),
         input_lengths: input_lengths.to_vec(),
+        #[cfg(feature = "cuda")]
+        blank,
         zero_infinity,
         cache: Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        cuda_cache: Mutex::new(None),
     };
     let device = logits.device().clone();
-    if device.is_cpu() {
+    // On a CUDA device the kernels of `cuda/ctc.cu`; elsewhere on the host.
+    if device.is_cpu() || crate::cuda_kernels(logits) {
         logits.contiguous()?.apply_op1(op)
     } else {
         logits
@@ -138,8 +143,14 @@ struct ItemForward {
 struct Ctc {
     labels: Vec<Labels>,
     input_lengths: Vec<usize>,
+    /// The blank's id (the CPU path has it in `labels`).
+    #[cfg(feature = "cuda")]
+    blank: u32,
     zero_infinity: bool,
     cache: Mutex<Option<Vec<ItemForward>>>,
+    /// What the CUDA forward left for the backward.
+    #[cfg(feature = "cuda")]
+    cuda_cache: Mutex<Option<crate::ctc_cuda::Forward>>,
 }
 
 impl Ctc {
@@ -182,7 +193,43 @@ impl CustomOp1 for Ctc {
         Ok((CpuStorage::F32(loss), Shape::from(b)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let items: Vec<crate::ctc_cuda::Item> = self
+            .labels
+            .iter()
+            .zip(&self.input_lengths)
+            .map(|(lab, &len)| crate::ctc_cuda::Item {
+                len,
+                ext: &lab.ext,
+                min_frames: lab.min_frames,
+            })
+            .collect();
+        let (loss, fwd) =
+            crate::ctc_cuda::forward(storage, layout, &items, self.blank, self.zero_infinity)?;
+        *self
+            .cuda_cache
+            .lock()
+            .map_err(|_| candle_core::Error::msg("ctc cache poisoned"))? = Some(fwd);
+        Ok((loss, Shape::from(items.len())))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if arg.device().is_cuda() {
+            let guard = self
+                .cuda_cache
+                .lock()
+                .map_err(|_| candle_core::Error::msg("ctc cache poisoned"))?;
+            let Some(fwd) = guard.as_ref() else {
+                bail!("ctc_loss backward: the CUDA forward did not run")
+            };
+            return Ok(Some(crate::ctc_cuda::backward(fwd, arg, grad_res)?));
+        }
         let (b, t, c) = arg.dims3()?;
         let scales = grad_res
             .to_device(&Device::Cpu)?

@@ -20,6 +20,12 @@ pub(crate) const CONV: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/conv.ptx")),
 };
 
+/// The PTX of `cuda/ctc.cu`.
+pub(crate) const CTC: Module = Module {
+    name: "lcasr-ctc",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/ctc.ptx")),
+};
+
 /// The PTX of `cuda/renorm.cu`.
 pub(crate) const RENORM: Module = Module {
     name: "lcasr-renorm",

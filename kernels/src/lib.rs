@@ -1,7 +1,8 @@
 //! Fused kernels for lcasr: each op has a forward and a backward pass and is
 //! exposed as a candle custom op. The kernels run on CPU, and those with a
 //! CUDA version (`cuda/*.cu`, the `cuda` feature: attention, the
-//! convolutions, GLU, LayerNorm, RMSNorm) on CUDA devices; elsewhere each op
+//! convolutions, BatchRenorm, GLU, LayerNorm, RMSNorm, the CTC loss) on CUDA
+//! devices; elsewhere each op
 //! runs as its composition of candle ops ([`composed`]), recomputed in the
 //! backward so that it keeps no more memory than a kernel.
 
@@ -17,6 +18,8 @@ pub mod conv2d;
 mod conv_cuda;
 mod cpu_f32;
 pub mod ctc;
+#[cfg(feature = "cuda")]
+mod ctc_cuda;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod depthwise_conv;

@@ -452,4 +452,19 @@ fn ctc() {
         |t| ctc_loss(&t[0], &targets, &[30, 21], 10, false),
         1e-4,
     );
+    // The CUDA kernels: many stored alpha segments, repeats and labels at
+    // several positions, a blank that is not the last class, an empty target,
+    // an item with no frames, and one too short for its target (zero_infinity).
+    let (t, c) = (400, 50);
+    let logits = rng.tensor(&[5, t, c], -3.0, 3.0);
+    let long: Vec<u32> = (0..90).map(|i| [1, 1, 7, 3, 7, 49][i % 6]).collect();
+    let targets = vec![long, vec![], vec![5, 6], vec![4; 30], vec![2, 2]];
+    let lengths = [400, 17, 0, 29, 333];
+    parity(
+        "ctc_loss, CUDA kernel cases",
+        &mut rng,
+        &[logits],
+        |x| ctc_loss(&x[0], &targets, &lengths, 0, true),
+        1e-4,
+    );
 }
