@@ -71,6 +71,7 @@ fn main() {
             compare_with: None,
             script_args: Default::default(),
             ranks: None,
+            gpus: false,
         };
         let start = Instant::now();
         experiment::run(&exp).unwrap_or_else(|e| panic!("{e}"));

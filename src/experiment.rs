@@ -16,11 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::Device;
 
 use crate::config::{self, Config, LoadOptions, Seed};
 use crate::hash::sha256_hex;
 use crate::parallel::driver::refuse_unsynchronised_norm;
-use crate::parallel::threads::run_on_threads;
+use crate::parallel::threads::run_on_threads_with;
+use crate::parallel::{Collective, InProcessGroup};
 use crate::run::metrics::{read_metrics, MetricsWriter};
 use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
@@ -60,6 +62,10 @@ pub struct Experiment {
     /// Data-parallel ranks (threads), at least 1; `None`: 1 for a new run,
     /// the recorded count when resuming.
     pub ranks: Option<usize>,
+    /// Rank `r` trains on GPU `r` and the ranks exchange over NCCL
+    /// (`--gpus N`; a build with the `nccl` feature) instead of running as
+    /// CPU threads on `training.device`.
+    pub gpus: bool,
 }
 
 /// How an experiment ended.
@@ -167,15 +173,7 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         refuse_unsynchronised_norm(&cfg)?;
     }
     // Opened before anything is written, so a missing GPU costs no run directory.
-    let device =
-        open_device(&cfg.training.device).map_err(|e| anyhow!("training.device: {e:#}"))?;
-    if !device.is_cpu() && exp.ranks.is_some_and(|n| n > 1) {
-        return Err(anyhow!(
-            "--ranks runs data-parallel ranks as CPU threads; on GPUs data parallelism needs \
-             NCCL (`--gpus`), which this build does not have yet"
-        )
-        .into());
-    }
+    let devices = rank_devices(&cfg.training.device, exp.ranks.unwrap_or(1), exp.gpus)?;
     let interrupts = interrupt_counter();
     let compile_opts = CompileOptions {
         import_roots: exp.import_roots.clone(),
@@ -308,7 +306,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
     });
     let setups: Vec<SessionSetup> = std::iter::once(outputs)
         .chain(others)
-        .map(|run| SessionSetup {
+        .zip(devices.iter().cycle())
+        .map(|(run, device)| SessionSetup {
             seed: record.seed,
             config: Some(cfg.clone()),
             base_dir: PathBuf::from("."),
@@ -323,7 +322,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         compiled.run(setup)
     } else {
         drop(compiled);
-        run_ranks(&exp.script, &compile_opts, setups)?
+        let comms = rank_comms(&devices, setups.len(), exp.gpus)?;
+        run_ranks(&exp.script, &compile_opts, setups, comms)?
     };
     if let (Some(hint), true) = (
         &wandb_hint,
@@ -351,12 +351,13 @@ fn run_ranks(
     script: &Path,
     opts: &CompileOptions,
     setups: Vec<SessionSetup>,
+    comms: Vec<Arc<dyn Collective>>,
 ) -> Result<Result<(), ScriptFailure>> {
     let world = setups.len();
     // Each rank's thread takes its own setup.
     let setups: Vec<Mutex<Option<SessionSetup>>> =
         setups.into_iter().map(|s| Mutex::new(Some(s))).collect();
-    let ran = run_on_threads(world, |comm| {
+    let ran = run_on_threads_with(comms, |comm| {
         let setup = setups[comm.rank()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -388,6 +389,51 @@ fn run_ranks(
         ),
         interrupted: false,
     }))
+}
+
+/// The device of each rank: with `gpus`, GPU `r` for rank `r` of `ranks`;
+/// otherwise `training.device` (`configured`) for every rank, which must be
+/// the CPU when there are several (they run as CPU threads).
+fn rank_devices(configured: &str, ranks: usize, gpus: bool) -> Result<Vec<Device>> {
+    if !gpus {
+        let device = open_device(configured).map_err(|e| anyhow!("training.device: {e:#}"))?;
+        if !device.is_cpu() && ranks > 1 {
+            bail!(
+                "--ranks runs data-parallel ranks as CPU threads; to train on several GPUs \
+                 use --gpus N (a build with `--features nccl`, docs/gpu.md)"
+            );
+        }
+        return Ok(vec![device]);
+    }
+    if !cfg!(feature = "nccl") {
+        bail!(
+            "--gpus needs a build with `--features nccl` (docs/gpu.md); this build trains on \
+             one device (--device) or on CPU threads (--ranks)"
+        );
+    }
+    (0..ranks)
+        .map(|r| {
+            open_device(&format!("cuda:{r}"))
+                .map_err(|e| anyhow!("--gpus {ranks}: rank {r} needs GPU {r}: {e:#}"))
+        })
+        .collect()
+}
+
+/// The communicators of `world` ranks: NCCL over `devices` with `gpus`,
+/// in-process otherwise.
+fn rank_comms(devices: &[Device], world: usize, gpus: bool) -> Result<Vec<Arc<dyn Collective>>> {
+    if gpus {
+        #[cfg(feature = "nccl")]
+        return Ok(crate::parallel::nccl::nccl_group(devices)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+            .collect());
+    }
+    let _ = devices;
+    Ok(InProcessGroup::with_ranks(world)?
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Collective>)
+        .collect())
 }
 
 /// The scripts of a run under the names they get in `scripts/` of the run
@@ -494,6 +540,7 @@ pub fn reproduce(
         compare_with: Some(dir.metrics_path()),
         script_args: recorded.script_args.clone(),
         ranks: Some(recorded.ranks),
+        gpus: false,
     };
     let comparison = match run(&exp)? {
         Outcome::Finished { comparison, .. } => comparison,

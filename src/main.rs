@@ -90,10 +90,14 @@ struct RunDirArgs {
     /// each, share every batch and sum their gradients, so the run trains as
     /// one process would (default: 1, or the recorded count with --resume;
     /// recorded for `lcasr reproduce`). Only rank 0 writes the run directory.
-    /// This CPU build has no `--gpus`: a GPU build maps `--gpus N` onto the
-    /// same code with one process per GPU and NCCL.
-    #[arg(long, value_name = "N", value_parser = parse_ranks)]
+    /// For several GPUs see `--gpus`.
+    #[arg(long, value_name = "N", value_parser = parse_ranks, conflicts_with = "gpus")]
     ranks: Option<usize>,
+    /// Train data-parallel on GPUs 0..N-1 of this machine: `--ranks N` with
+    /// rank r on GPU r, the ranks exchanging over NCCL (needs a build with
+    /// `--features nccl`; docs/gpu.md). Give it again with --resume.
+    #[arg(long, value_name = "N", value_parser = parse_ranks)]
+    gpus: Option<usize>,
     /// Where to train: cpu, cuda or cuda:N (sets `training.device`; a GPU
     /// needs a build with `--features cuda`, see docs/gpu.md).
     #[arg(long, value_name = "DEVICE")]
@@ -690,7 +694,8 @@ fn experiment(
         seed: None,
         compare_with: None,
         script_args: run.script_args.iter().cloned().collect(),
-        ranks: run.ranks,
+        ranks: run.ranks.or(run.gpus),
+        gpus: run.gpus.is_some(),
     };
     match experiment::run(&exp) {
         Ok(Outcome::Finished { run_dir, .. }) => {

@@ -5,7 +5,7 @@
 //! the same step and a resumed 2-rank run equals an uninterrupted one bit for
 //! bit (and `lcasr reproduce` re-runs it with 2 ranks), SpecAugment masks
 //! each rank's items as one rank masks them, a failure on one rank ends them
-//! all, and a bad `--ranks` is refused.
+//! all, and a bad `--ranks` (or `--gpus` without NCCL) is refused.
 
 mod common;
 
@@ -286,6 +286,21 @@ fn a_failure_on_one_rank_stops_every_rank_and_bad_counts_are_refused() {
     let msg = text(&out);
     assert!(
         !out.status.success() && msg.contains("not synchronised"),
+        "{msg}"
+    );
+    assert!(!dir.path().join("bad").exists(), "nothing was started");
+    // `--gpus` and `--ranks` together are refused; so is `--gpus` in a build
+    // without NCCL (this one), before anything is written.
+    let out = train(
+        &config,
+        &dir.path().join("bad"),
+        &["--ranks", "2", "--gpus", "2"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let out = train(&config, &dir.path().join("bad"), &["--gpus", "2"]);
+    let msg = text(&out);
+    assert!(
+        !out.status.success() && msg.contains("--features nccl"),
         "{msg}"
     );
     assert!(!dir.path().join("bad").exists(), "nothing was started");

@@ -27,6 +27,11 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// Called when this rank failed: makes the other ranks' exchanges fail
+    /// with [`RankLeft`] instead of waiting for it. The in-process group
+    /// needs nothing (a communicator dropped mid-run does that); NCCL's
+    /// communicators are aborted.
+    fn abort_group(&self) {}
 }
 
 /// Raised on the remaining ranks when a rank leaves the group mid-run (the

@@ -4,14 +4,17 @@
 //!
 //! The communication sits behind [`collective::Collective`]; the in-process
 //! implementation ([`collective::InProcessGroup`], threads as ranks) runs the
-//! whole logic on the CPU. [`driver::train_data_parallel`] is the direct
-//! training procedure (`lcasr::train::direct`) over such a group: one rank
+//! whole logic on the CPU; with the `nccl` feature, `nccl::nccl_group` runs
+//! the same code on the GPUs of one machine. [`driver::train_data_parallel`]
+//! is the direct training procedure (`lcasr::train::direct`) over such a group: one rank
 //! reproduces the direct run bit for bit, and with dropout off any number of
 //! ranks trains the same model up to floating-point summation order.
 
 pub mod collective;
 pub mod driver;
 pub mod grads;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod shard;
 pub mod sync_norm;
 pub mod threads;

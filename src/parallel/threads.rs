@@ -29,7 +29,36 @@ pub fn run_on_threads<T: Send, E: Send>(
     world: usize,
     body: impl Fn(Arc<dyn Collective>) -> std::result::Result<T, E> + Sync,
 ) -> Result<RankResults<std::result::Result<T, E>>> {
-    let comms = InProcessGroup::with_ranks(world)?;
+    let comms = InProcessGroup::with_ranks(world)?
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Collective>)
+        .collect();
+    run_on_threads_with(comms, body)
+}
+
+/// Calls [`Collective::abort_group`] when dropped during a panic or after
+/// the rank's body failed.
+struct AbortOnFailure {
+    comm: Arc<dyn Collective>,
+    failed: bool,
+}
+
+impl Drop for AbortOnFailure {
+    fn drop(&mut self) {
+        if self.failed || std::thread::panicking() {
+            self.comm.abort_group();
+        }
+    }
+}
+
+/// [`run_on_threads`] over the given communicators (one thread per
+/// communicator, e.g. one per GPU of an NCCL group). A rank whose body fails
+/// or panics aborts the group ([`Collective::abort_group`]).
+pub fn run_on_threads_with<T: Send, E: Send>(
+    comms: Vec<Arc<dyn Collective>>,
+    body: impl Fn(Arc<dyn Collective>) -> std::result::Result<T, E> + Sync,
+) -> Result<RankResults<std::result::Result<T, E>>> {
+    let world = comms.len();
     let first_failure: Mutex<Option<usize>> = Mutex::new(None);
     let joined = std::thread::scope(|s| -> Result<Vec<_>> {
         let mut handles = Vec::with_capacity(world);
@@ -40,7 +69,13 @@ pub fn run_on_threads<T: Send, E: Send>(
                 .name(format!("lcasr-rank-{rank}"))
                 .stack_size(RANK_STACK)
                 .spawn_scoped(s, move || {
-                    let outcome = body(Arc::new(comm));
+                    let mut guard = AbortOnFailure {
+                        comm: Arc::clone(&comm),
+                        failed: false,
+                    };
+                    let outcome = body(comm);
+                    guard.failed = outcome.is_err();
+                    drop(guard);
                     if outcome.is_err() {
                         let mut first = first_failure.lock().unwrap_or_else(|e| e.into_inner());
                         first.get_or_insert(rank);
@@ -71,4 +106,70 @@ pub fn run_on_threads<T: Send, E: Send>(
         results,
         first_failure,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A communicator that only counts `abort_group` calls.
+    struct Counting<'a> {
+        rank: usize,
+        aborts: &'a AtomicUsize,
+    }
+
+    impl Collective for Counting<'static> {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            3
+        }
+        fn all_reduce_sum(&self, _: &mut [f32]) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, _: &mut [f64]) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast(&self, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn abort_group(&self) {
+            self.aborts.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn group(aborts: &'static AtomicUsize) -> Vec<Arc<dyn Collective>> {
+        (0..3)
+            .map(|rank| Arc::new(Counting { rank, aborts }) as Arc<dyn Collective>)
+            .collect()
+    }
+
+    /// Ranks that fail or panic abort the group, each once; ranks that
+    /// finish do not; the first failure is reported.
+    #[test]
+    fn failing_ranks_abort_the_group() {
+        static OK: AtomicUsize = AtomicUsize::new(0);
+        let ran = run_on_threads_with(group(&OK), |c| Ok::<_, ()>(c.rank())).unwrap();
+        assert_eq!(OK.load(Ordering::SeqCst), 0);
+        assert!(ran.first_failure.is_none());
+
+        static FAILED: AtomicUsize = AtomicUsize::new(0);
+        let ran = run_on_threads_with(group(&FAILED), |c| match c.rank() {
+            1 => Err(()),
+            2 => panic!("rank 2 panics"),
+            r => Ok(r),
+        })
+        .unwrap();
+        assert_eq!(FAILED.load(Ordering::SeqCst), 2);
+        assert!(matches!(ran.results[1], Ok(Err(()))));
+        assert!(ran.results[2].is_err());
+        // A panic is reported by its join, not as the first failure.
+        assert_eq!(ran.first_failure, Some(1));
+    }
 }
