@@ -317,7 +317,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         })
         .collect();
     let run_dir = dir.root().to_path_buf();
-    let result = if setups.len() == 1 {
+    // `--gpus` always goes through the rank runner: one GPU still runs NCCL.
+    let result = if setups.len() == 1 && !exp.gpus {
         let setup = setups.into_iter().next().expect("one rank");
         compiled.run(setup)
     } else {

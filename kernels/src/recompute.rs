@@ -22,6 +22,17 @@ use crate::storage_copy::owned_cpu_storage;
 /// A composition of one to three tensors.
 type Composition = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + Send + Sync>;
 
+/// A backward written out: the gradients of the inputs for the output's.
+type Gradients = Box<dyn Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+
+/// How a node's backward gets its gradients.
+enum Backward {
+    /// Runs the composition again with a graph and back-propagates through it.
+    Recompute(Composition),
+    /// Calls a hand-written backward (which recomputes what it needs).
+    Written(Gradients),
+}
+
 /// `f(inputs)` as one node that keeps `inputs` and the output only; without
 /// a graph to record (no input tracks gradients), just `f(inputs)`.
 pub(crate) fn node(
@@ -40,12 +51,36 @@ pub(crate) fn node_with(
     first: Tensor,
     f: impl Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
+    let what = std::any::type_name_of_val(&f);
+    apply(inputs, first, what, Backward::Recompute(Box::new(f)))
+}
+
+/// A node like [`node_with`] whose backward is `grads(inputs, output
+/// gradient)`, one gradient (or `None`) per input, instead of the
+/// composition differentiated by autograd.
+pub(crate) fn node_with_grads(
+    inputs: &[&Tensor],
+    first: Tensor,
+    grads: impl Fn(&[Tensor], &Tensor) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let what = std::any::type_name_of_val(&grads);
+    apply(inputs, first, what, Backward::Written(Box::new(grads)))
+}
+
+/// The node on `inputs` with output `first`; just `first` when no input
+/// tracks gradients.
+fn apply(
+    inputs: &[&Tensor],
+    first: Tensor,
+    what: &'static str,
+    backward: Backward,
+) -> Result<Tensor> {
     if !inputs.iter().any(|t| t.track_op()) {
         return Ok(first);
     }
     let op = Recompute {
-        what: std::any::type_name_of_val(&f),
-        f: Box::new(f),
+        what,
+        backward,
         first: Mutex::new(Some(first)),
     };
     match inputs {
@@ -56,11 +91,11 @@ pub(crate) fn node_with(
     }
 }
 
-/// The node: the composition, and its first output until the forward takes it.
+/// The node: its backward, and its first output until the forward takes it.
 struct Recompute {
     /// The composition's name (its closure's type), for the memory trace.
     what: &'static str,
-    f: Composition,
+    backward: Backward,
     first: Mutex<Option<Tensor>>,
 }
 
@@ -83,24 +118,39 @@ impl Recompute {
         crate::storage_copy::owned_cuda_storage(&self.take_first()?, NAME)
     }
 
-    /// The gradients of `inputs` for the output gradient `grad`, by running
-    /// the composition again with a graph.
+    /// The gradients of `inputs` for the output gradient `grad`.
     fn grads(&self, inputs: &[&Tensor], grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let vars = inputs
-            .iter()
-            .map(|t| Var::from_tensor(&t.detach()))
-            .collect::<Result<Vec<_>>>()?;
-        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let dev = grad.device();
         trace(
             || format!("{} {:?} backward starts", self.what, grad.dims()),
             dev,
         );
-        let y = (self.f)(&tensors)?;
-        let wrt: Vec<&Tensor> = tensors.iter().collect();
-        let grads = crate::backward::backward_from(&y, grad, &wrt)?;
-        // The recomputed graph goes with `y`.
-        drop(y);
+        let grads = match &self.backward {
+            Backward::Recompute(f) => {
+                let vars = inputs
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.detach()))
+                    .collect::<Result<Vec<_>>>()?;
+                let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+                let y = f(&tensors)?;
+                let wrt: Vec<&Tensor> = tensors.iter().collect();
+                // The recomputed graph goes with `y`, at the end of this arm.
+                crate::backward::backward_from(&y, grad, &wrt)?
+            }
+            Backward::Written(g) => {
+                let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
+                let grads = g(&detached, &grad.detach())?;
+                if grads.len() != inputs.len() {
+                    bail!(
+                        "{}: {} gradients for {} inputs",
+                        self.what,
+                        grads.len(),
+                        inputs.len()
+                    );
+                }
+                grads
+            }
+        };
         trace(|| format!("{} backward ends", self.what), dev);
         Ok(grads)
     }

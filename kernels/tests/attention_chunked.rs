@@ -5,7 +5,7 @@
 
 mod ops_support;
 
-use candle_core::Var;
+use candle_core::{DType, Var};
 use lcasr_kernels::attention::{attention, attention_chunked, AttentionOptions};
 use lcasr_kernels::rotary::{inv_freq, rotary_tables};
 use ops_support::{assert_close, grads, Rng};
@@ -50,6 +50,36 @@ fn chunked_attention_matches_the_fused_kernel() {
             );
         }
     }
+    // In bf16 (the matmuls in bf16, the softmax in f32): close to the f32
+    // kernel on the same rounded input, gradient included.
+    let opts = AttentionOptions {
+        n_heads: h,
+        head_dim: dh,
+        rotary: Some((&cos[..], &sin[..])),
+        lengths: Some(&lengths),
+        window_left: Some(6),
+        window_right: None,
+        dropout: Some((0.3, 5)),
+    };
+    let rounded = rng
+        .tensor(&[b, n, 3 * h * dh], -1.5, 1.5)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let qkv = Var::from_tensor(&rounded).unwrap();
+    let want = attention(qkv.as_tensor(), &opts).unwrap();
+    let probe = rng.tensor(want.dims(), -1.0, 1.0);
+    let want_grad = grads(&want, &probe, &[&qkv]).unwrap();
+    let x = Var::from_tensor(&rounded).unwrap();
+    let got = attention_chunked(&x.as_tensor().to_dtype(DType::BF16).unwrap(), &opts, 16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert_close("bf16 output", &got, &want, 3e-2);
+    let got_grad = grads(&got, &probe, &[&x]).unwrap();
+    assert_close("bf16 gradient", &got_grad[0], &want_grad[0], 3e-2);
+
     let bad = AttentionOptions {
         n_heads: h,
         head_dim: dh,
