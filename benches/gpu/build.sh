@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
 # machine that has neither a Rust toolchain nor a network: the GPU parity test
-# of lcasr-kernels, the train-step benchmark and the lcasr CLI, built with
-# `--features cuda`, stripped and xz-compressed in target/gpu-bundle (about
-# 27 MB: with the repository it fits the device tool's 64 MiB; carry that
-# folder).
+# of lcasr-kernels and the train-step benchmark, built with `--features
+# cuda`, and the lcasr CLI, built with `--features nccl` (CUDA and `--gpus`),
+# stripped and xz-compressed in target/gpu-bundle (about 27 MB: with the
+# repository it fits the device tool's 64 MiB; carry that folder).
 #
 # What the build needs and where it comes from:
 # - nvcc, its headers and CCCL (candle-kernels compiles its .cu files to PTX):
@@ -14,6 +14,8 @@
 # - cuBLAS, cuBLASLt, cuRAND, NVRTC and the CUDA runtime to link against
 #   (candle links them dynamically): the same wheels PyTorch cu130 ships, so
 #   their sonames match the copies in the GPU machine's PyTorch environment.
+# - NCCL to link the CLI against: the nvidia-nccl-cu13 wheel (soname
+#   libnccl.so.2, which the GPU machine's PyTorch environment also has).
 # - libcuda, the driver library, exists only where a driver is installed. The
 #   link gets a stub with the soname libcuda.so.1 that defines every driver
 #   function cudarc declares; at run time the real driver library is loaded.
@@ -30,6 +32,10 @@ if [ ! -x "$venv/bin/nvcc-found" ]; then
     nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
   touch "$venv/bin/nvcc-found"
 fi
+if [ ! -e "$venv/bin/nccl-found" ]; then
+  "$venv/bin/pip" install --quiet nvidia-nccl-cu13==2.27.7
+  touch "$venv/bin/nccl-found"
+fi
 cuda_root=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')
 export PATH="$cuda_root/bin:$PATH"
 nvcc --version | tail -n 1
@@ -42,6 +48,9 @@ for lib in cublas cublasLt curand nvrtc cudart; do
   [ -n "$real" ] || { echo "error: lib$lib.so.* not found under $cuda_root/lib" >&2; exit 1; }
   ln -sf "$(realpath "$real")" "$link/lib$lib.so"
 done
+nccl=$("$venv/bin/python" -c 'import glob, os, nvidia
+print(sorted(glob.glob(os.path.join(nvidia.__path__[0], "**", "libnccl.so.*"), recursive=True))[0])')
+ln -sf "$(realpath "$nccl")" "$link/libnccl.so"
 driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
 [ -n "$driver_sys" ] || cargo fetch --locked
 driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
@@ -71,7 +80,7 @@ parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test g
   --no-run --message-format=json | executable gpu_parity)
 bench=$(cargo build --locked --release --features cuda --bench model_step \
   --message-format=json | executable model_step)
-cli=$(cargo build --locked --release --features cuda --bin lcasr \
+cli=$(cargo build --locked --release --features nccl --bin lcasr \
   --message-format=json | executable lcasr)
 for exe in "$parity" "$bench" "$cli"; do
   [ -x "$exe" ] || { echo "error: cargo reported no executable ($exe)" >&2; exit 1; }

@@ -9,10 +9,12 @@
 #   3. one training step of the reference d768 model on one hour of audio
 #      (issue #10's memory target), with its peak GPU memory and the memory
 #      trace of its backward (LCASR_MEMORY_TRACE=1, docs/gpu.md);
-#   4. the demo training job (demo.sh's steps) with `--device cuda:0`.
+#   4. the demo training job (demo.sh's steps) with `--device cuda:0`;
+#   5. the demo job data-parallel over every GPU of the machine (`--gpus N`,
+#      NCCL; one GPU still runs the NCCL path), against part 4's losses.
 # Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
 # go to $OUT (the device tool's folder) or target/gpu-results. LCASR_GPU_STEPS
-# picks the parts (default "1 2 3 4"), e.g. LCASR_GPU_STEPS="1 3";
+# picks the parts (default "1 2 3 4 5"), e.g. LCASR_GPU_STEPS="1 3";
 # LCASR_GPU_HOUR_DTYPES the precisions of part 3 (default "f32 bf16"),
 # LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
 # LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240);
@@ -32,7 +34,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 # The bundle's programs are xz-compressed (build.sh); unpack them with Python's
 # lzma, which every Python has.
-steps=" ${LCASR_GPU_STEPS:-1 2 3 4} "
+steps=" ${LCASR_GPU_STEPS:-1 2 3 4 5} "
 want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # Runs "$@" once per attention path of LCASR_GPU_ATTENTION.
 each_attention() {
@@ -65,6 +67,10 @@ export LD_LIBRARY_PATH="$libs:/usr/local/nvidia/lib64:/usr/lib/x86_64-linux-gnu:
 if ldd "$bin/gpu_parity" | grep "not found"; then
   echo "error: libraries above are missing" >&2
   exit 1
+fi
+# The CLI also needs NCCL (libnccl.so.2, from PyTorch's nvidia-nccl wheel).
+if ldd "$bin/lcasr" | grep "not found"; then
+  echo "warning: the lcasr CLI misses the libraries above: parts 4 and 5 will fail" >&2
 fi
 
 parity=0
@@ -103,15 +109,31 @@ if want 3; then
   done
 fi
 
-if want 4; then
-  echo "== 4. the demo training job on the GPU: demo.sh's steps, lcasr train --device cuda:0, 3 epochs"
-  lcasr="$bin/lcasr"
-  timeout 240 sh -c "set -e
+lcasr="$bin/lcasr"
+# demo.sh's data steps (features, tokenizer), once for parts 4 and 5.
+prepare_demo() {
+  [ -e runs/demo-data/tokenizer.json ] && return 0
+  timeout 120 sh -c "set -e
     $lcasr prepare data/demo/train --out runs/demo-data/train
     $lcasr prepare data/demo/heldout --out runs/demo-data/heldout
-    $lcasr tokenizer train data/demo/train/transcripts.txt --vocab-size 64 --out runs/demo-data/tokenizer.json
-    $lcasr train configs/demo.yaml --force --device cuda:0 training.max_epochs=3"
+    $lcasr tokenizer train data/demo/train/transcripts.txt --vocab-size 64 --out runs/demo-data/tokenizer.json"
+}
+
+if want 4; then
+  echo "== 4. the demo training job on the GPU: demo.sh's steps, lcasr train --device cuda:0, 3 epochs"
+  prepare_demo &&
+    timeout 240 "$lcasr" train configs/demo.yaml --force --device cuda:0 training.max_epochs=3
   echo "demo training exit status: $?"
+fi
+
+if want 5; then
+  gpus=$(nvidia-smi -L | wc -l)
+  echo "== 5. the demo job data-parallel over $gpus GPU(s): lcasr train --gpus $gpus (NCCL), 3 epochs"
+  echo "(with one GPU the losses should equal part 4's; with more, up to summation order)"
+  prepare_demo &&
+    timeout 240 "$lcasr" train configs/demo.yaml --force --gpus "$gpus" --run-dir runs/demo-gpus \
+      training.max_epochs=3
+  echo "data-parallel demo exit status: $?"
 fi
 echo "parity test exit status: $parity"
 exit "$parity"

@@ -168,6 +168,10 @@ impl NcclComm {
         let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let comm = self.handle()?;
         let s = &self.stream;
+        // NCCL works on the calling thread's current device: this rank's.
+        s.context()
+            .bind_to_thread()
+            .context("cannot make the rank's GPU current")?;
         let mut buf = s.clone_htod(data).context("cannot copy to the GPU")?;
         {
             let (ptr, _written) = buf.device_ptr_mut(s);
