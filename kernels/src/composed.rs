@@ -87,6 +87,39 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
     softmax_last_dim(&logits.reshape(dims)?)
 }
 
+/// The gradients of [`linear_softmax`]'s `x`, `weight` and `bias` for the
+/// output gradient `grad`, written out: the probabilities recomputed, then
+/// `dlogits = p (grad - rowsum(grad p))` in f32 and two matmuls, with the
+/// dtypes (and so the roundings) of the composition's autograd. About four
+/// tensors of the probabilities' size at a time, half of what autograd
+/// through the composition holds.
+pub fn linear_softmax_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad: &Tensor,
+) -> Result<[Tensor; 3]> {
+    let d = x.dim(D::Minus1)?;
+    let c = weight.dim(0)?;
+    let rows = x.elem_count() / d.max(1);
+    let x2 = x.reshape((rows, d))?;
+    let logits = f32_of(&add_bias(&x2.matmul(&weight.t()?)?, bias)?)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&max)?.exp()?;
+    drop(logits);
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    drop(e);
+    let g = f32_of(&grad.reshape((rows, c))?)?;
+    let row_dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
+    let dlogits = (g.broadcast_sub(&row_dot)? * p)?;
+    let db = dlogits.sum(0)?.to_dtype(bias.dtype())?;
+    let dl = dlogits.to_dtype(x.dtype())?;
+    drop(dlogits);
+    let dx = dl.matmul(weight)?.reshape(x.shape())?;
+    let dw = dl.t()?.matmul(&x2)?;
+    Ok([dx, dw, db])
+}
+
 /// GLU over the last dimension: first half times the sigmoid of the second.
 pub fn glu(x: &Tensor) -> Result<Tensor> {
     let n = x.dim(D::Minus1)? / 2;

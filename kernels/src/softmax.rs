@@ -138,8 +138,10 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
         .iter()
         .all(|t| t.dtype() == DType::F32 && crate::native(t));
     if !fused || d == 0 || c == 0 {
-        return crate::recompute::node(&[x, weight, bias], |t| {
-            crate::composed::linear_softmax(&t[0], &t[1], &t[2])
+        let first = crate::composed::linear_softmax(&x.detach(), &weight.detach(), &bias.detach())?;
+        return crate::recompute::node_with_grads(&[x, weight, bias], first, |t, grad| {
+            let grads = crate::composed::linear_softmax_backward(&t[0], &t[1], &t[2], grad)?;
+            Ok(grads.into_iter().map(Some).collect())
         });
     }
     x.contiguous()?
