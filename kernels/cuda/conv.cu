@@ -13,18 +13,9 @@
 // the weight and bias gradients are per-block partial sums that the host adds
 // up, so every result is deterministic.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "act.cuh"
 
 #define CONV_THREADS 256
-
-// An activation as f32, and back.
-__device__ __forceinline__ float ld(float v) { return v; }
-__device__ __forceinline__ float ld(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ld(__half v) { return __half2float(v); }
-__device__ __forceinline__ void st(float* p, float v) { *p = v; }
-__device__ __forceinline__ void st(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
-__device__ __forceinline__ void st(__half* p, float v) { *p = __float2half(v); }
 
 __device__ __forceinline__ float conv_sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
 

@@ -8,13 +8,13 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
 use crate::conv2d::out_len;
 use crate::cuda::{
-    block_grid, cuda_only_cpu_fwd, f32_view, grid, launch, output, output_of, row_parts, storage,
-    view, CONV,
+    block_grid, cuda_only_cpu_fwd, f32_view, grid, kernel, launch, output, output_of, row_parts,
+    storage, view, with_act, Act, CONV,
 };
 
 /// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
@@ -82,49 +82,6 @@ pub(crate) fn try_apply(
         &f32_of(bias)?,
         ConvOp(conv),
     )?))
-}
-
-/// An activation dtype the kernels take, and the suffix of their names.
-trait Act: CudaDType + DeviceRepr {
-    const SUFFIX: &'static str;
-}
-
-impl Act for f32 {
-    const SUFFIX: &'static str = "f32";
-}
-
-impl Act for half::bf16 {
-    const SUFFIX: &'static str = "bf16";
-}
-
-impl Act for half::f16 {
-    const SUFFIX: &'static str = "f16";
-}
-
-/// Runs `$body` with `$t` the [`Act`] type of `$dtype` (an error for others).
-macro_rules! with_act {
-    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            d => bail!("{}: activations must be f32, bf16 or f16, got {d:?}", $op),
-        }
-    };
-}
-
-/// Kernel `base` for activations of type `T`.
-fn kernel<T: Act>(base: &str) -> String {
-    format!("{base}_{}", T::SUFFIX)
 }
 
 /// The shapes the kernels rely on.

@@ -190,3 +190,47 @@ pub(crate) use cuda_only_cpu_fwd;
 pub(crate) fn storage<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
+
+/// An activation dtype the kernels take, and the suffix of their names.
+pub(crate) trait Act: CudaDType + DeviceRepr {
+    const SUFFIX: &'static str;
+}
+
+impl Act for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+
+impl Act for half::bf16 {
+    const SUFFIX: &'static str = "bf16";
+}
+
+impl Act for half::f16 {
+    const SUFFIX: &'static str = "f16";
+}
+
+/// Runs `$body` with `$t` the [`Act`] type of `$dtype` (an error for others).
+macro_rules! with_act {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            d => candle_core::bail!("{}: activations must be f32, bf16 or f16, got {d:?}", $op),
+        }
+    };
+}
+pub(crate) use with_act;
+
+/// Kernel `base` for activations of type `T`.
+pub(crate) fn kernel<T: Act>(base: &str) -> String {
+    format!("{base}_{}", T::SUFFIX)
+}

@@ -10,12 +10,9 @@ use crate::cpu_f32::{check_f32, cpu_slice, multiversion, sigmoid};
 const ROWS_PER_TASK: usize = 64;
 
 /// GLU over the last dimension: the last dimension `2n` becomes `n`, the output is
-/// `x[.., :n] * sigmoid(x[.., n:])`. f32 only; gradient flows to `x`.
+/// `x[.., :n] * sigmoid(x[.., n:])`. Gradient flows to `x`. f32 on the CPU;
+/// on a CUDA device also bf16 and f16 (computed in f32).
 pub fn glu(x: &Tensor) -> Result<Tensor> {
-    if crate::half(x) {
-        return crate::recompute::node(&[x], |t| crate::composed::glu(&t[0]));
-    }
-    check_f32(x, "glu", "x")?;
     match x.dims().last() {
         Some(&d) if d > 0 && d % 2 == 0 => {}
         _ => bail!(
@@ -23,7 +20,14 @@ pub fn glu(x: &Tensor) -> Result<Tensor> {
             x.dims()
         ),
     }
-    if !(crate::native(x) || crate::native_cuda(x)) {
+    if crate::cuda_kernels(x) {
+        return x.contiguous()?.apply_op1(Glu);
+    }
+    if crate::half(x) {
+        return crate::recompute::node(&[x], |t| crate::composed::glu(&t[0]));
+    }
+    check_f32(x, "glu", "x")?;
+    if !crate::native(x) {
         return crate::recompute::node(&[x], |t| crate::composed::glu(&t[0]));
     }
     x.contiguous()?.apply_op1(Glu)
@@ -81,23 +85,25 @@ impl CustomOp1 for Glu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{grid, kernel, launch, output_of, storage, view, with_act, GLU};
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
-        let (x, dev) = crate::cuda::f32_view(s, l, self.name())?;
         let mut dims = l.dims().to_vec();
         let n = dims[dims.len() - 1] / 2;
         *dims.last_mut().expect("rank checked") = n;
         let rows = l.shape().elem_count() / (2 * n);
-        let y = crate::cuda::output(dev, rows * n)?;
-        let func = crate::cuda::GLU.func(dev, "lcasr_glu_fwd")?;
         let (rows_arg, n_arg) = (rows as i64, n as i64);
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&x).arg(&y).arg(&rows_arg).arg(&n_arg);
-        // SAFETY: the kernel reads rows x 2n values of `x` and writes rows x n of `y`.
-        unsafe { launch.launch(crate::cuda::grid(rows * n)) }.w()?;
-        Ok((crate::cuda::storage(y, dev), Shape::from(dims)))
+        let dev = s.device();
+        let y = with_act!(s.dtype(), self.name(), T => {
+            let x = view::<T>(s, l, self.name())?;
+            let y = output_of::<T>(dev, rows * n)?;
+            let f = kernel::<T>("lcasr_glu_fwd");
+            launch!(GLU, dev, &f, grid(rows * n), &x, &y, &rows_arg, &n_arg);
+            storage(y, dev)
+        });
+        Ok((y, Shape::from(dims)))
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -140,22 +146,23 @@ impl CustomOp2 for GluGrad {
         dys: &candle_core::CudaStorage,
         dyl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::cuda::{grid, kernel, launch, output_of, storage, view, with_act, GLU};
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
 
-        let (x, dev) = crate::cuda::f32_view(xs, xl, self.name())?;
-        let (dy, _) = crate::cuda::f32_view(dys, dyl, self.name())?;
         let n = xl.dims()[xl.dims().len() - 1] / 2;
         let rows = xl.shape().elem_count() / (2 * n);
-        let dx = crate::cuda::output(dev, 2 * rows * n)?;
-        let func = crate::cuda::GLU.func(dev, "lcasr_glu_bwd")?;
         let (rows_arg, n_arg) = (rows as i64, n as i64);
-        let stream = dev.cuda_stream();
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&x).arg(&dy).arg(&dx).arg(&rows_arg).arg(&n_arg);
-        // SAFETY: the kernel reads rows x 2n values of `x`, rows x n of `dy`,
-        // and writes all rows x 2n of `dx`.
-        unsafe { launch.launch(crate::cuda::grid(rows * n)) }.w()?;
-        Ok((crate::cuda::storage(dx, dev), xl.shape().clone()))
+        let dev = xs.device();
+        let dx = with_act!(xs.dtype(), self.name(), T => {
+            let x = view::<T>(xs, xl, self.name())?;
+            let dy = view::<T>(dys, dyl, self.name())?;
+            let dx = output_of::<T>(dev, 2 * rows * n)?;
+            let f = kernel::<T>("lcasr_glu_bwd");
+            launch!(GLU, dev, &f, grid(rows * n), &x, &dy, &dx, &rows_arg, &n_arg);
+            storage(dx, dev)
+        });
+        Ok((dx, xl.shape().clone()))
     }
 }

@@ -192,27 +192,49 @@ fn convolutions() {
     }
 }
 
-/// A convolution with bf16 or f16 activations: the CUDA kernels read and
-/// write them as such and compute in f32. The CPU reference computes in f32
-/// on the same rounded inputs and rounds its output once.
-fn half_conv(
-    t: &[Tensor],
-    dtype: DType,
-    conv: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
+/// `op` with bf16 or f16 activations: the CUDA kernels read and write them
+/// as such and compute in f32. The CPU reference computes in f32 on the same
+/// rounded inputs and rounds its output once.
+fn in_half(t: &[Tensor], dtype: DType, op: impl Fn(&[Tensor]) -> Result<Tensor>) -> Result<Tensor> {
     let rounded: Vec<Tensor> = t.iter().map(|x| x.to_dtype(dtype)).collect::<Result<_>>()?;
     let y = if t[0].device().is_cpu() {
         let f32s: Vec<Tensor> = rounded
             .iter()
             .map(|x| x.to_dtype(DType::F32))
             .collect::<Result<_>>()?;
-        conv(&f32s[0], &f32s[1], &f32s[2])?.to_dtype(dtype)?
+        op(&f32s)?.to_dtype(dtype)?
     } else {
-        let y = conv(&rounded[0], &rounded[1], &rounded[2])?;
-        assert_eq!(y.dtype(), dtype, "the convolution changed the dtype");
+        let y = op(&rounded)?;
+        assert_eq!(y.dtype(), dtype, "the op changed the dtype");
         y
     };
     y.to_dtype(DType::F32)
+}
+
+/// [`in_half`] for a convolution of (x, weight, bias).
+fn half_conv(
+    t: &[Tensor],
+    dtype: DType,
+    conv: fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    in_half(t, dtype, |x| conv(&x[0], &x[1], &x[2]))
+}
+
+#[test]
+fn glu_in_half_precision() {
+    let mut rng = Rng::new(7);
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        for dims in [[3, 7, 10], [2, 300, 512]] {
+            let x = rng.tensor(&dims, -3.0, 3.0);
+            parity(
+                &format!("{dtype:?} glu {dims:?}"),
+                &mut rng,
+                &[x],
+                |t| in_half(t, dtype, |x| glu(&x[0])),
+                tol,
+            );
+        }
+    }
 }
 
 #[test]
