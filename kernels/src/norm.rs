@@ -13,8 +13,20 @@ const ROWS_PER_TASK: usize = 64;
 
 /// Layer normalisation over the last dimension of `x` (any number of leading
 /// dimensions), then `* weight + bias`. `weight` and `bias` have the size of the last
-/// dimension. Gradients flow to all three inputs. f32 only.
+/// dimension. Gradients flow to all three inputs. f32 on the CPU; on a CUDA
+/// device also bf16 and f16 activations (statistics and weights in f32).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::cuda_kernels(x) {
+        let d = norm_dim("layer_norm", x, weight)?;
+        if bias.dims() != [d] {
+            bail!("layer_norm: bias shape {:?} must be [{d}]", bias.dims());
+        }
+        return x.contiguous()?.apply_op3(
+            &f32_contiguous(weight)?,
+            &f32_contiguous(bias)?,
+            LayerNorm { eps: eps as f32 },
+        );
+    }
     if crate::half(x) {
         return crate::recompute::node(&[x, weight, bias], move |t| {
             crate::composed::layer_norm(&t[0], &t[1], &t[2], eps)
@@ -26,7 +38,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if bias.dims() != [d] {
         bail!("{op}: bias shape {:?} must be [{d}]", bias.dims());
     }
-    if !(crate::native(x) || crate::native_cuda(x)) {
+    if !crate::native(x) {
         return crate::recompute::node(&[x, weight, bias], move |t| {
             crate::composed::layer_norm(&t[0], &t[1], &t[2], eps)
         });
@@ -39,15 +51,22 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 }
 
 /// RMS normalisation over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
-/// Gradients flow to `x` and `weight`. f32 only.
+/// Gradients flow to `x` and `weight`. f32 on the CPU; on a CUDA device also
+/// bf16 and f16 activations (statistics and weights in f32).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::cuda_kernels(x) {
+        norm_dim("rms_norm", x, weight)?;
+        return x
+            .contiguous()?
+            .apply_op2(&f32_contiguous(weight)?, RmsNorm { eps: eps as f32 });
+    }
     if crate::half(x) {
         return crate::recompute::node(&[x, weight], move |t| {
             crate::composed::rms_norm(&t[0], &t[1], eps)
         });
     }
     check_norm_args("rms_norm", x, weight)?;
-    if !(crate::native(x) || crate::native_cuda(x)) {
+    if !crate::native(x) {
         return crate::recompute::node(&[x, weight], move |t| {
             crate::composed::rms_norm(&t[0], &t[1], eps)
         });
@@ -60,6 +79,11 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 fn check_norm_args(op: &str, x: &Tensor, weight: &Tensor) -> Result<usize> {
     check_f32(x, op, "x")?;
     check_f32(weight, op, "weight")?;
+    norm_dim(op, x, weight)
+}
+
+/// The normalised size, after checking that `weight` has it.
+fn norm_dim(op: &str, x: &Tensor, weight: &Tensor) -> Result<usize> {
     let d = match x.dims().last() {
         Some(&d) if d > 0 => d,
         _ => bail!(
@@ -71,6 +95,11 @@ fn check_norm_args(op: &str, x: &Tensor, weight: &Tensor) -> Result<usize> {
         bail!("{op}: weight shape {:?} must be [{d}]", weight.dims());
     }
     Ok(d)
+}
+
+/// `t` as a contiguous f32 tensor (the CUDA kernels' weights).
+fn f32_contiguous(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(candle_core::DType::F32)?.contiguous()
 }
 
 struct LayerNorm {

@@ -221,16 +221,35 @@ fn half_conv(
 }
 
 #[test]
-fn glu_in_half_precision() {
+fn glu_and_norms_in_half_precision() {
     let mut rng = Rng::new(7);
     for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        // Rows shorter and longer than a block, more rows than the
+        // backward's 512 blocks.
         for dims in [[3, 7, 10], [2, 300, 512]] {
             let x = rng.tensor(&dims, -3.0, 3.0);
             parity(
                 &format!("{dtype:?} glu {dims:?}"),
                 &mut rng,
-                &[x],
+                std::slice::from_ref(&x),
                 |t| in_half(t, dtype, |x| glu(&x[0])),
+                tol,
+            );
+            let d = dims[2];
+            let w = rng.tensor(&[d], 0.5, 1.5);
+            let b = rng.tensor(&[d], -0.5, 0.5);
+            parity(
+                &format!("{dtype:?} layer_norm {dims:?}"),
+                &mut rng,
+                &[x.clone(), w.clone(), b],
+                |t| in_half(t, dtype, |x| layer_norm(&x[0], &x[1], &x[2], 1e-5)),
+                tol,
+            );
+            parity(
+                &format!("{dtype:?} rms_norm {dims:?}"),
+                &mut rng,
+                &[x, w],
+                |t| in_half(t, dtype, |x| rms_norm(&x[0], &x[1], 1e-5)),
                 tol,
             );
         }
