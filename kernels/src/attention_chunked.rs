@@ -29,6 +29,7 @@ pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) ->
         dropout,
     } = Problem::new(qkv, opts)?;
     let (q, k, v) = crate::composed::attention_heads(qkv, opts)?;
+    let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
     let mut outs = Vec::with_capacity(n.div_ceil(chunk));
     for i0 in (0..n).step_by(chunk) {
         let c = Chunk {
@@ -38,7 +39,7 @@ pub fn attention_chunked(qkv: &Tensor, opts: &AttentionOptions, chunk: usize) ->
             window: (left, right),
             dropout,
         };
-        let first = c.forward(&q.detach(), &k.detach(), &v.detach())?;
+        let first = c.forward(&q0, &k0, &v0)?;
         outs.push(crate::recompute::node_with_grads(
             &[&q, &k, &v],
             first,
@@ -141,7 +142,6 @@ impl Chunk {
         v: &Tensor,
         grad: &Tensor,
     ) -> Result<Vec<Option<Tensor>>> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
         let dt = v.dtype();
         let (i0, rows) = (self.i0, self.rows);
         let Probs {
@@ -149,8 +149,8 @@ impl Chunk {
             mask,
             live,
             scale,
-        } = self.probs(&q, &k)?;
-        let d_out = grad.detach().broadcast_mul(&live.to_dtype(dt)?)?;
+        } = self.probs(q, k)?;
+        let d_out = grad.broadcast_mul(&live.to_dtype(dt)?)?;
         // Through the dropout: the kept probabilities and their gradient.
         let kept = match &mask {
             Some(m) => (&p * m)?,
@@ -164,7 +164,7 @@ impl Chunk {
         }
         let row_dot = (&dp * &p)?.sum_keepdim(D::Minus1)?;
         let ds = ((dp.broadcast_sub(&row_dot)? * p)? * scale)?.to_dtype(dt)?;
-        let dq_rows = ds.matmul(&k)?;
+        let dq_rows = ds.matmul(k)?;
         let dk = ds.t()?.matmul(&q.narrow(2, i0, rows)?)?;
         drop(ds);
         let (b, h, _, dh) = q.dims4()?;

@@ -27,7 +27,9 @@ pub fn out_len(len: usize) -> usize {
 /// Full 2-D convolution (groups = 1), kernel 3x3, stride 2, padding 1:
 /// `x` (B, Cin, H, W), `weight` (Cout, Cin, 3, 3), `bias` (Cout) ->
 /// (B, Cout, (H-1)/2+1, (W-1)/2+1). Gradients flow to all three inputs (to `x` only
-/// when it takes part in a graph). f32 only.
+/// when it takes part in a graph).
+/// f32 on the CPU kernel (bf16 and f16 run the composition there, recomputed
+/// in the backward); the CUDA kernels read and write f32, bf16 and f16.
 pub fn conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(y) = crate::conv_cuda::try_apply(
@@ -99,7 +101,9 @@ pub fn conv2d_k3s2_silu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Te
 
 /// Depthwise 2-D convolution (groups = C), kernel 3x3, stride 2, padding 1:
 /// `x` (B, C, H, W), `weight` (C, 1, 3, 3), `bias` (C) -> (B, C, (H-1)/2+1, (W-1)/2+1).
-/// Gradients flow to all three inputs. f32 only.
+/// Gradients flow to all three inputs.
+/// f32 on the CPU kernel (bf16 and f16 run the composition there, recomputed
+/// in the backward); the CUDA kernels read and write f32, bf16 and f16.
 pub fn depthwise_conv2d_k3s2(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(y) =

@@ -6,15 +6,17 @@ use rayon::prelude::*;
 
 use crate::cpu_f32::{add_partials, check_f32, cpu_slices3, multiversion, with_f32};
 
-/// Time steps handled by one rayon task.
 /// Most tasks the weight gradient is split into (each holds a partial sum).
 const WEIGHT_GRAD_PARTS: usize = 32;
 
+/// Time steps handled by one rayon task.
 const ROWS_PER_TASK: usize = 32;
 
 /// Depthwise conv1d: `x` (B, T, C), `weight` (C, K) with K odd, `bias` (C).
 /// `y[b, t, c] = bias[c] + sum_k weight[c, k] * x[b, t + k - (K-1)/2, c]`, zero outside
-/// [0, T). Gradients flow to all three inputs. f32 only.
+/// [0, T). Gradients flow to all three inputs.
+/// f32 on the CPU kernel (bf16 and f16 run the composition there, recomputed
+/// in the backward); the CUDA kernels read and write f32, bf16 and f16.
 pub fn depthwise_conv1d(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if let Some(y) =

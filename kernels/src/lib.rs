@@ -61,9 +61,10 @@ pub(crate) fn native(t: &Tensor) -> bool {
     t.device().is_cpu() && !FORCE_COMPOSED.with(Cell::get)
 }
 
-/// True for bf16 and f16 tensors: the fused kernels are f32, so mixed
-/// precision runs the ops' compositions (which compute norms, softmax and
-/// statistics in f32, as autocast does).
+/// True for bf16 and f16 tensors: the CPU kernels are f32, so off CUDA (and
+/// on CUDA for the ops whose kernels are f32) mixed precision runs the ops'
+/// compositions (which compute norms, softmax and statistics in f32, as
+/// autocast does).
 pub(crate) fn half(t: &Tensor) -> bool {
     matches!(
         t.dtype(),
@@ -79,7 +80,8 @@ pub(crate) fn native_cuda(t: &Tensor) -> bool {
 
 /// True when `t` is on a CUDA device of a `cuda` build and
 /// [`with_composed_ops`] is not in force: the ops whose CUDA kernels take
-/// half inputs in f32 then run them.
+/// bf16 and f16 too (the convolutions, GLU, the norms, the CTC loss;
+/// attention computes them in f32) then run them.
 pub(crate) fn cuda_kernels(t: &Tensor) -> bool {
     cfg!(feature = "cuda") && t.device().is_cuda() && !FORCE_COMPOSED.with(Cell::get)
 }

@@ -29,6 +29,12 @@ fn row_grid(rows: usize, max_blocks: usize) -> LaunchConfig {
     }
 }
 
+/// Blocks of a backward launch over `rows` rows: as many rows of partial
+/// sums as the weight-partials kernel writes.
+fn bwd_blocks(rows: usize) -> usize {
+    rows.clamp(1, MAX_BWD_BLOCKS)
+}
+
 /// LayerNorm (with `bias`) or RMSNorm (without) forward of `x` (rows, d);
 /// `w` and `bias` are f32.
 pub(crate) fn forward(
@@ -80,7 +86,7 @@ pub(crate) fn backward(
 ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let d = w.elem_count();
     let rows = x.elem_count() / d;
-    let blocks = rows.clamp(1, MAX_BWD_BLOCKS);
+    let blocks = bwd_blocks(rows);
     let dy = grad.contiguous()?;
     let grad_op = |part| NormGrad { eps, layer, part };
     let dx = x.apply_op3_no_bwd(w, &dy, &grad_op(GradPart::Input))?;
@@ -140,7 +146,7 @@ impl NormGrad {
                 Ok((storage(dx, dev), xl.shape().clone()))
             }
             GradPart::Params => {
-                let blocks = rows.clamp(1, MAX_BWD_BLOCKS);
+                let blocks = bwd_blocks(rows);
                 let n_parts = if self.layer { 2 } else { 1 };
                 let total = n_parts * blocks * d;
                 let out = output(dev, total)?;

@@ -8,7 +8,9 @@
 //! its device, it runs its composition through [`node`]: the forward runs it
 //! on detached inputs (nothing recorded), and the backward runs it again on
 //! the saved inputs, with a graph, and back-propagates the incoming gradient
-//! through that small graph: op-level activation checkpointing.
+//! through that small graph: op-level activation checkpointing. An op whose
+//! backward is written out ([`node_with_grads`]: chunked attention, the
+//! softmax head) skips the graph and recomputes only what that needs.
 
 use std::sync::Mutex;
 
@@ -57,7 +59,8 @@ pub(crate) fn node_with(
 
 /// A node like [`node_with`] whose backward is `grads(inputs, output
 /// gradient)`, one gradient (or `None`) per input, instead of the
-/// composition differentiated by autograd.
+/// composition differentiated by autograd. `grads` receives detached
+/// tensors, so nothing it computes is recorded.
 pub(crate) fn node_with_grads(
     inputs: &[&Tensor],
     first: Tensor,
