@@ -20,21 +20,6 @@ use lcasr::model::{
     ForwardOptions, RunningStats, BATCH_NORM_MOMENTUM, CONV_NORM_EPS,
 };
 
-/// Deterministic values in [-1, 1) (a 64-bit LCG), offset by `shift`.
-fn noise(n: usize, seed: u64, scale: f64, shift: f64) -> Vec<f64> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale + shift
-        })
-        .collect()
-}
-
 fn silu(v: f64) -> f64 {
     v / (1.0 + (-v).exp())
 }
@@ -51,7 +36,7 @@ struct Input {
 impl Input {
     fn new(b: usize, n: usize, c: usize, seed: u64) -> Self {
         // Channel-dependent offsets and scales, so statistics differ per channel.
-        let mut x = noise(b * n * c, seed, 1.0, 0.0);
+        let mut x = common::noise(b * n * c, seed, 1.0, 0.0);
         for (i, v) in x.iter_mut().enumerate() {
             let ch = (i % c) as f64;
             *v = *v * (0.5 + 0.25 * ch) + 0.3 * ch - 0.4;
@@ -199,8 +184,8 @@ const LENGTHS: [usize; 3] = [7, 4, 6];
 #[test]
 fn batch_norm_matches_loops_in_train_and_eval_with_and_without_padding() {
     let input = Input::new(3, 7, 6, 1);
-    let w = noise(6, 2, 0.5, 1.0);
-    let bias = noise(6, 3, 0.5, 0.0);
+    let w = common::noise(6, 2, 0.5, 1.0);
+    let bias = common::noise(6, 3, 0.5, 0.0);
     let (tw, tb) = (tensor(&w, DType::F32), tensor(&bias, DType::F32));
     for lengths in [None, Some(&LENGTHS[..])] {
         let (y, moments) = batch_norm_silu(
@@ -227,8 +212,14 @@ fn batch_norm_matches_loops_in_train_and_eval_with_and_without_padding() {
         // Running statistics after this batch: PyTorch's formula with the
         // unbiased variance, from a non-trivial starting state.
         let mut state = BatchNormState {
-            mean: noise(6, 4, 0.2, 0.0).iter().map(|&v| v as f32).collect(),
-            var: noise(6, 5, 0.2, 1.0).iter().map(|&v| v as f32).collect(),
+            mean: common::noise(6, 4, 0.2, 0.0)
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            var: common::noise(6, 5, 0.2, 1.0)
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
             num_batches_tracked: 41,
         };
         let before = state.clone();
@@ -262,8 +253,8 @@ fn batch_norm_matches_loops_in_train_and_eval_with_and_without_padding() {
         channel_moments(&input, Some(&LENGTHS)).0
     );
 
-    let rm = noise(6, 6, 0.3, 0.5);
-    let rv = noise(6, 7, 0.3, 1.2);
+    let rm = common::noise(6, 6, 0.3, 0.5);
+    let rv = common::noise(6, 7, 0.3, 1.2);
     let rm32: Vec<f32> = rm.iter().map(|&v| v as f32).collect();
     let rv32: Vec<f32> = rv.iter().map(|&v| v as f32).collect();
     let (y, none) = batch_norm_silu(
@@ -290,8 +281,8 @@ fn batch_norm_matches_loops_in_train_and_eval_with_and_without_padding() {
 #[test]
 fn group_and_layer_norm_match_loops_with_and_without_padding() {
     let input = Input::new(3, 7, 6, 11);
-    let w = noise(6, 12, 0.5, 1.0);
-    let bias = noise(6, 13, 0.5, 0.0);
+    let w = common::noise(6, 12, 0.5, 1.0);
+    let bias = common::noise(6, 13, 0.5, 0.0);
     let (tw, tb) = (tensor(&w, DType::F32), tensor(&bias, DType::F32));
     for groups in [1, 3, 6] {
         for lengths in [None, Some(&LENGTHS[..])] {
@@ -307,7 +298,10 @@ fn group_and_layer_norm_match_loops_with_and_without_padding() {
     assert!(group_norm_silu(&input.tensor(DType::F32), &tw, &tb, 4, None).is_err());
     // The model's 32 groups over 64 channels.
     let wide = Input::new(2, 5, 64, 14);
-    let (w64, b64) = (noise(64, 15, 0.5, 1.0), noise(64, 16, 0.5, 0.0));
+    let (w64, b64) = (
+        common::noise(64, 15, 0.5, 1.0),
+        common::noise(64, 16, 0.5, 0.0),
+    );
     let y = group_norm_silu(
         &wide.tensor(DType::F32),
         &tensor(&w64, DType::F32),
@@ -342,9 +336,9 @@ fn check_gradients(
     f: &dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor,
 ) {
     let input = Input::new(2, 5, 6, 21);
-    let w = noise(6, 22, 0.5, 1.0);
-    let bias = noise(6, 23, 0.5, 0.0);
-    let r = noise(input.x.len(), 24, 1.0, 0.0);
+    let w = common::noise(6, 22, 0.5, 1.0);
+    let bias = common::noise(6, 23, 0.5, 0.0);
+    let r = common::noise(input.x.len(), 24, 1.0, 0.0);
     let rt = Tensor::from_vec(r.clone(), (2, 5, 6), &Device::Cpu)
         .unwrap()
         .to_dtype(dtype)

@@ -2,6 +2,8 @@
 //! `optimizers.json`, every case), the hand vectors of reference-spec §6.3,
 //! bit-identical save → load → continue, the config builder's errors, the
 //! weight-decay rule, and gradient clipping against `train_step.safetensors`.
+//! The update cases run on both update paths: the host kernels and the tensor
+//! ops that GPUs run (`UpdatePath::TensorOps`, here on the CPU).
 
 mod common;
 
@@ -13,7 +15,7 @@ use lcasr::train::clip::{
     clip_coefficient, clip_grad_norm, grad_total_norm, grads_are_finite, GradAccumulator,
 };
 use lcasr::train::optimizer::{
-    collect_params, decays_by_default, DecayGroups, OptimizerConfig, Param,
+    collect_params, decays_by_default, DecayGroups, Optimizer, OptimizerConfig, Param, UpdatePath,
 };
 use serde_json::{json, Value};
 
@@ -38,6 +40,9 @@ fn step_grads(tensors: &HashMap<String, Tensor>, params: &[Param], k: usize) -> 
     grads
 }
 
+/// Both update paths.
+const PATHS: [UpdatePath; 2] = [UpdatePath::ByDevice, UpdatePath::TensorOps];
+
 fn fixture_setup() -> (HashMap<String, Tensor>, Value, Vec<f64>, usize) {
     let tensors = common::load_tensors("optimizers.safetensors");
     let spec = common::load_json("optimizers.json");
@@ -57,9 +62,10 @@ fn every_fixture_case_matches_the_reference() {
     let (tensors, spec, lrs, n) = fixture_setup();
     let cases = spec["cases"].as_object().unwrap();
     assert!(!cases.is_empty());
-    for (case, def) in cases {
-        let cfg = OptimizerConfig::from_args(def["optimizer"].as_str().unwrap(), &def["args"])
+    for ((case, def), path) in cases.iter().flat_map(|c| PATHS.map(|p| (c, p))) {
+        let mut cfg = OptimizerConfig::from_args(def["optimizer"].as_str().unwrap(), &def["args"])
             .unwrap_or_else(|e| panic!("{case}: {e}"));
+        cfg.update = path;
         let mut opt = cfg.build();
         let params = fixture_params(&tensors, n);
         for (k, &lr) in lrs.iter().enumerate() {
@@ -72,7 +78,7 @@ fn every_fixture_case_matches_the_reference() {
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
-                        "{case} step {k} {}[{i}]: {g} vs {w}",
+                        "{case} ({path:?}) step {k} {}[{i}]: {g} vs {w}",
                         p.name
                     );
                 }
@@ -84,12 +90,14 @@ fn every_fixture_case_matches_the_reference() {
 
 /// Saves after `split` steps (through a safetensors file and JSON text), loads
 /// into fresh variables and a fresh optimizer, and finishes the run there.
+/// The optimizer after the restart runs on `resumed_path`.
 fn run_with_restart(
     cfg: &OptimizerConfig,
     tensors: &HashMap<String, Tensor>,
     n: usize,
     lrs: &[f64],
     split: usize,
+    resumed_path: UpdatePath,
 ) -> Vec<Vec<f32>> {
     let params = fixture_params(tensors, n);
     let mut opt = cfg.build();
@@ -118,7 +126,11 @@ fn run_with_restart(
             lr_scale: 1.0,
         })
         .collect();
-    let mut opt = cfg.build();
+    let mut opt = OptimizerConfig {
+        update: resumed_path,
+        ..cfg.clone()
+    }
+    .build();
     let loaded = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
     opt.load_state(&loaded, &serde_json::from_str(&scalars).unwrap())
         .unwrap();
@@ -136,17 +148,49 @@ fn run_with_restart(
 fn save_load_continue_is_bit_identical() {
     let (tensors, spec, lrs, n) = fixture_setup();
     for (case, def) in spec["cases"].as_object().unwrap() {
+        for path in PATHS {
+            let mut cfg =
+                OptimizerConfig::from_args(def["optimizer"].as_str().unwrap(), &def["args"])
+                    .unwrap();
+            cfg.update = path;
+            let straight = run_with_restart(&cfg, &tensors, n, &lrs, lrs.len(), path);
+            for split in [1, 3] {
+                let resumed = run_with_restart(&cfg, &tensors, n, &lrs, split, path);
+                for (a, b) in straight.iter().zip(&resumed) {
+                    let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{case} ({path:?}): resuming after {split} steps changed the result"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A run saved on one update path resumes on the other (a CPU checkpoint
+/// continued on a GPU and back): the state moves with it, and the result stays
+/// within float rounding of the straight run.
+#[test]
+fn state_moves_between_update_paths() {
+    let (tensors, spec, lrs, n) = fixture_setup();
+    for (case, def) in spec["cases"].as_object().unwrap() {
         let cfg =
             OptimizerConfig::from_args(def["optimizer"].as_str().unwrap(), &def["args"]).unwrap();
-        let straight = run_with_restart(&cfg, &tensors, n, &lrs, lrs.len());
-        for split in [1, 3] {
-            let resumed = run_with_restart(&cfg, &tensors, n, &lrs, split);
+        let straight = run_with_restart(&cfg, &tensors, n, &lrs, lrs.len(), UpdatePath::ByDevice);
+        for [first, then] in [PATHS, [PATHS[1], PATHS[0]]] {
+            let cfg = OptimizerConfig {
+                update: first,
+                ..cfg.clone()
+            };
+            let resumed = run_with_restart(&cfg, &tensors, n, &lrs, 2, then);
             for (a, b) in straight.iter().zip(&resumed) {
-                let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-                assert!(
-                    same,
-                    "{case}: resuming after {split} steps changed the result"
-                );
+                for (x, y) in a.iter().zip(b) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 + 1e-6 * x.abs(),
+                        "{case}: {first:?} then {then:?}: {x} vs {y}"
+                    );
+                }
             }
         }
     }
@@ -169,6 +213,25 @@ fn loading_another_optimizers_state_fails() {
         .load_state(&state, &adam.state_scalars())
         .unwrap_err();
     assert!(err.to_string().contains("adam"), "{err}");
+}
+
+/// An optimizer over one parameter `w` = [1, -2].
+fn one_param(
+    name: &str,
+    args: &Value,
+    path: UpdatePath,
+    weight_decay: bool,
+) -> (Box<dyn Optimizer>, Var, [Param; 1]) {
+    let mut cfg = OptimizerConfig::from_args(name, args).unwrap();
+    cfg.update = path;
+    let var = Var::from_slice(&[1.0f32, -2.0], 2, &Device::Cpu).unwrap();
+    let param = Param {
+        name: "w".into(),
+        var: var.clone(),
+        weight_decay,
+        lr_scale: 1.0,
+    };
+    (cfg.build(), var, [param])
 }
 
 #[test]
@@ -230,16 +293,9 @@ fn hand_vectors_of_the_spec() {
             ],
         ),
     ];
-    for (name, args, want) in cases {
-        let mut opt = OptimizerConfig::from_args(name, &args).unwrap().build();
-        let var = Var::from_slice(&[1.0f32, -2.0], 2, &Device::Cpu).unwrap();
-        let params = [Param {
-            name: "w".into(),
-            var: var.clone(),
-            weight_decay: true,
-            lr_scale: 1.0,
-        }];
-        for (g, w) in grads.iter().zip(&want) {
+    for ((name, args, want), path) in cases.iter().flat_map(|c| PATHS.map(|p| (c, p))) {
+        let (mut opt, var, params) = one_param(name, args, path, true);
+        for (g, w) in grads.iter().zip(want) {
             let mut store = GradStore::default();
             store.insert(var.as_tensor(), Tensor::new(g, &Device::Cpu).unwrap());
             opt.step(&params, &store, 0.01).unwrap();
@@ -247,7 +303,7 @@ fn hand_vectors_of_the_spec() {
             for (a, b) in got.iter().zip(w) {
                 assert!(
                     (*a as f64 - b).abs() <= 2e-6,
-                    "{name} {args}: {got:?} vs {w:?}"
+                    "{name} {args} ({path:?}): {got:?} vs {w:?}"
                 );
             }
         }
@@ -484,5 +540,29 @@ fn per_group_learning_rates() {
                 "{name}: the unscaled group moved"
             );
         }
+    }
+}
+
+/// MirrorMADGRAD's default eps is 0: an element whose gradient has always been
+/// zero has a zero denominator, and must stay put (not become NaN) on both paths.
+#[test]
+fn zero_gradient_elements_stay_put_without_eps() {
+    for (name, path) in ["mirrormadgrad", "madgrad"]
+        .into_iter()
+        .flat_map(|n| PATHS.map(|p| (n, p)))
+    {
+        let (mut opt, var, params) = one_param(name, &json!({"eps": 0.0}), path, false);
+        for _ in 0..3 {
+            let mut store = GradStore::default();
+            let g = Tensor::new(&[0.0f32, 0.5], &Device::Cpu).unwrap();
+            store.insert(var.as_tensor(), g);
+            opt.step(&params, &store, 0.01).unwrap();
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(got[0], 1.0, "{name} ({path:?}): {got:?}");
+        assert!(
+            got[1].is_finite() && got[1] != -2.0,
+            "{name} ({path:?}): {got:?}"
+        );
     }
 }

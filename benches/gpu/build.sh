@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
 # machine that has neither a Rust toolchain nor a network: the GPU parity test
-# of lcasr-kernels and the train-step benchmark, built with `--features
-# cuda`, and the lcasr CLI, built with `--features nccl` (CUDA and `--gpus`),
-# stripped and xz-compressed in target/gpu-bundle (about 27 MB: with the
+# of lcasr-kernels, the training-side GPU test (tests/gpu_training.rs) and the
+# train-step benchmark, built with `--features cuda`, and the lcasr CLI, built with `--features nccl` (CUDA and `--gpus`),
+# stripped and xz-compressed in target/gpu-bundle (about 32 MB: with the
 # repository it fits the device tool's 64 MiB; carry that folder).
 #
 # What the build needs and where it comes from:
@@ -65,7 +65,7 @@ export CARGO_TARGET_DIR=target/gpu-build
 export RUSTFLAGS="-L native=$PWD/$link"
 export LIBRARY_PATH="$PWD/$link"
 
-echo "== cargo build --release --features cuda (parity test, train-step benchmark)"
+echo "== cargo build --release --features cuda (parity tests, train-step benchmark)"
 # The path of executable target $1, from cargo's own report of what it built
 # (building a test or bench builds the package's binaries too).
 executable() {
@@ -78,11 +78,13 @@ for line in sys.stdin:
 }
 parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test gpu_parity \
   --no-run --message-format=json | executable gpu_parity)
+training=$(cargo test --locked --release --features cuda --test gpu_training \
+  --no-run --message-format=json | executable gpu_training)
 bench=$(cargo build --locked --release --features cuda --bench model_step \
   --message-format=json | executable model_step)
 cli=$(cargo build --locked --release --features nccl --bin lcasr \
   --message-format=json | executable lcasr)
-for exe in "$parity" "$bench" "$cli"; do
+for exe in "$parity" "$training" "$bench" "$cli"; do
   [ -x "$exe" ] || { echo "error: cargo reported no executable ($exe)" >&2; exit 1; }
 done
 
@@ -90,10 +92,12 @@ bundle=target/gpu-bundle
 rm -rf "$bundle"
 mkdir -p "$bundle"
 cp "$parity" "$bundle/gpu_parity"
+cp "$training" "$bundle/gpu_training"
 cp "$bench" "$bundle/model_step"
 cp "$cli" "$bundle/lcasr"
-strip "$bundle/gpu_parity" "$bundle/model_step" "$bundle/lcasr"
-xz -T0 -6 "$bundle/gpu_parity" "$bundle/model_step" "$bundle/lcasr"
+programs=(gpu_parity gpu_training model_step lcasr)
+strip "${programs[@]/#/$bundle/}"
+xz -T0 -6 "${programs[@]/#/$bundle/}"
 cp benches/model_torch.py "$bundle/"
 du -sh "$bundle"/*
 echo "bundle ready: carry target/gpu-bundle and run benches/gpu/run.sh on the GPU machine"

@@ -2,7 +2,9 @@
 # On a CUDA machine with PyTorch (the workplace's GPU machines: no Rust, no
 # network), runs what benches/gpu/build.sh bundled:
 #   1. every fused op on the GPU against the same op on the CPU, forward and
-#      gradients (kernels/tests/gpu_parity.rs);
+#      gradients (kernels/tests/gpu_parity.rs), and the optimizers, gradient
+#      norm and finiteness check on the GPU against the CPU
+#      (tests/gpu_training.rs);
 #   2. the train-step benchmark of the 6-layer d256 model (benches/model_step.rs)
 #      on the GPU against PyTorch running the same model on the same GPU
 #      (benches/model_torch.py), at the shapes of BENCHMARKS.md;
@@ -51,7 +53,7 @@ each_attention() {
 
 bin=/tmp/lcasr-gpu
 mkdir -p "$bin"
-for b in gpu_parity model_step lcasr; do
+for b in gpu_parity gpu_training model_step lcasr; do
   python3 -c 'import lzma, shutil, sys
 with lzma.open(sys.argv[1]) as src, open(sys.argv[2], "wb") as dst:
     shutil.copyfileobj(src, dst)' "$bundle/$b.xz" "$bin/$b"
@@ -78,6 +80,7 @@ if want 1; then
   echo "== 1. fused ops on the GPU against the CPU"
   timeout 180 "$bin/gpu_parity" --test-threads 1
   parity=$?
+  timeout 60 "$bin/gpu_training" --test-threads 1 || parity=1
 fi
 
 if want 2; then

@@ -10,8 +10,8 @@ use candle_core::Tensor;
 use serde_json::{json, Value};
 
 use super::optimizer::{
-    check_saved_name, fused_update, grad_of, scalar_u64, Optimizer, OptimizerConfig, OptimizerKind,
-    Param, ParamState, StateStore,
+    check_saved_name, grad_of, scalar_u64, Init, Optimizer, OptimizerConfig, OptimizerKind, Param,
+    StateStore,
 };
 
 const BUFFERS: &[&str] = &["exp_avg", "exp_avg_sq"];
@@ -92,20 +92,14 @@ impl Optimizer for Adam {
                     1.0
                 },
             };
-            let state = match self.state.get_mut(&param.name) {
-                Some(s) => s,
-                None => {
-                    let n = param.var.elem_count();
-                    self.state.insert(
-                        &param.name,
-                        ParamState {
-                            shape: param.var.shape().clone(),
-                            buffers: vec![vec![0f32; n]; 2],
-                        },
-                    )
-                }
-            };
-            fused_update(param, grad, state, |p, g, bufs| adam_kernel(&c, p, g, bufs))?;
+            self.state.update(
+                self.cfg.update,
+                param,
+                grad,
+                &[Init::Zeros, Init::Zeros],
+                |p, g, bufs| adam_kernel(&c, p, g, bufs),
+                |p, g, bufs| adam_tensors(&c, p, g, bufs),
+            )?;
         }
         self.steps += 1;
         Ok(())
@@ -170,4 +164,34 @@ fn adam_kernel(c: &Consts, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]]) {
         let denom = v[i].sqrt() / c.bias_correction2_sqrt + c.eps;
         p[i] = param + c.neg_step_size * m[i] / denom;
     }
+}
+
+/// [`adam_kernel`] as tensor ops on the parameter's device: returns the new
+/// parameter values and replaces `bufs` = [m, v].
+fn adam_tensors(
+    c: &Consts,
+    p: &Tensor,
+    g: &Tensor,
+    bufs: &mut [Tensor],
+) -> candle_core::Result<Tensor> {
+    let param = if c.shrink != 1.0 {
+        p.affine(c.shrink as f64, 0.0)?
+    } else {
+        p.clone()
+    };
+    let grad = if c.wd_coupled != 0.0 {
+        (g + p.affine(c.wd_coupled as f64, 0.0)?)?
+    } else {
+        g.clone()
+    };
+    let (m, v) = (&bufs[0], &bufs[1]);
+    let m = (m + (&grad - m)?.affine(c.one_minus_beta1 as f64, 0.0)?)?;
+    let v =
+        (v.affine(c.beta2 as f64, 0.0)? + (grad.affine(c.one_minus_beta2 as f64, 0.0)? * &grad)?)?;
+    let bc2 = Tensor::new(c.bias_correction2_sqrt, v.device())?;
+    let denom = v.sqrt()?.broadcast_div(&bc2)?.affine(1.0, c.eps as f64)?;
+    let new = (param + (m.affine(c.neg_step_size as f64, 0.0)? / denom)?)?;
+    bufs[0] = m;
+    bufs[1] = v;
+    Ok(new)
 }

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde_json::{json, Value};
 
 use super::optimizer::{
-    check_saved_name, fused_update, grad_of, scalar_u64, Optimizer, OptimizerConfig, Param,
-    ParamState, StateStore,
+    check_saved_name, grad_of, rho_guarded, scalar_u64, Init, Optimizer, OptimizerConfig, Param,
+    StateStore,
 };
 
 /// The MADGRAD optimizer. State per parameter: `grad_sum_sq` (ν), `s` and, when
@@ -59,7 +59,7 @@ impl Optimizer for Madgrad {
 
     fn step(&mut self, params: &[Param], grads: &GradStore, lr: f64) -> Result<()> {
         let cfg = &self.cfg;
-        let names = self.buffer_names();
+        let momentum = cfg.momentum != 0.0;
         for param in params {
             let Some(grad) = grad_of(param, grads) else {
                 continue;
@@ -85,26 +85,19 @@ impl Optimizer for Madgrad {
                 momentum: cfg.momentum as f32,
                 ck: (1.0 - cfg.momentum) as f32,
             };
-            let state = match self.state.get_mut(&param.name) {
-                Some(s) => s,
-                None => {
-                    let n = param.var.elem_count();
-                    let mut buffers = vec![vec![0f32; n]; 2];
-                    if names.len() == 3 {
-                        buffers.push(param.var.flatten_all()?.to_vec1::<f32>()?);
-                    }
-                    self.state.insert(
-                        &param.name,
-                        ParamState {
-                            shape: param.var.shape().clone(),
-                            buffers,
-                        },
-                    )
-                }
+            let inits: &[Init] = if momentum {
+                &[Init::Zeros, Init::Zeros, Init::Param]
+            } else {
+                &[Init::Zeros, Init::Zeros]
             };
-            fused_update(param, grad, state, |p, g, bufs| {
-                madgrad_kernel(&c, p, g, bufs)
-            })?;
+            self.state.update(
+                cfg.update,
+                param,
+                grad,
+                inits,
+                |p, g, bufs| madgrad_kernel(&c, p, g, bufs),
+                |p, g, bufs| madgrad_tensors(&c, p, g, bufs),
+            )?;
         }
         self.k += 1;
         Ok(())
@@ -176,4 +169,39 @@ fn madgrad_kernel(c: &Consts, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]])
         }
         p[i] = new;
     }
+}
+
+/// [`madgrad_kernel`] as tensor ops on the parameter's device: returns the new
+/// parameter values and replaces `bufs` = [ν, s, (x0)].
+fn madgrad_tensors(
+    c: &Consts,
+    p: &Tensor,
+    g: &Tensor,
+    bufs: &mut [Tensor],
+) -> candle_core::Result<Tensor> {
+    let grad = if c.coupled {
+        (g + p.affine(c.wd as f64, 0.0)?)?
+    } else {
+        g.clone()
+    };
+    let (nu, s) = (&bufs[0], &bufs[1]);
+    let x0 = match bufs.get(2) {
+        Some(x0) => x0.clone(),
+        None => (p + (s / rho_guarded(nu, c.eps)?)?)?,
+    };
+    let nu = (nu + (grad.affine(c.lamb as f64, 0.0)? * &grad)?)?;
+    let rho = rho_guarded(&nu, c.eps)?;
+    let s = (s + grad.affine(c.lamb as f64, 0.0)?)?;
+    let z = (&x0 - (&s / &rho)?)?;
+    let mut new = if bufs.len() == 3 {
+        (p.affine(c.momentum as f64, 0.0)? + z.affine(c.ck as f64, 0.0)?)?
+    } else {
+        z
+    };
+    if c.decoupled_factor != 0.0 {
+        new = (new + p.affine(c.decoupled_factor as f64, 0.0)?)?;
+    }
+    bufs[0] = nu;
+    bufs[1] = s;
+    Ok(new)
 }

@@ -9,8 +9,8 @@ use candle_core::Tensor;
 use serde_json::{json, Value};
 
 use super::optimizer::{
-    check_saved_name, fused_update, grad_of, scalar_u64, Optimizer, OptimizerConfig, Param,
-    ParamState, StateStore,
+    check_saved_name, grad_of, rho_guarded, scalar_u64, Init, Optimizer, OptimizerConfig, Param,
+    StateStore,
 };
 
 const BUFFERS: &[&str] = &["grad_sum_sq", "z"];
@@ -82,23 +82,14 @@ impl Optimizer for MirrorMadgrad {
                 momentum: cfg.momentum as f32,
                 one_minus_momentum: (1.0 - cfg.momentum) as f32,
             };
-            let state = match self.state.get_mut(&param.name) {
-                Some(s) => s,
-                None => {
-                    let n = param.var.elem_count();
-                    let z = param.var.flatten_all()?.to_vec1::<f32>()?;
-                    self.state.insert(
-                        &param.name,
-                        ParamState {
-                            shape: param.var.shape().clone(),
-                            buffers: vec![vec![0f32; n], z],
-                        },
-                    )
-                }
-            };
-            fused_update(param, grad, state, |p, g, bufs| {
-                mirror_kernel(&c, p, g, bufs)
-            })?;
+            self.state.update(
+                cfg.update,
+                param,
+                grad,
+                &[Init::Zeros, Init::Param],
+                |p, g, bufs| mirror_kernel(&c, p, g, bufs),
+                |p, g, bufs| mirror_tensors(&c, p, g, bufs),
+            )?;
         }
         self.k += 1;
         Ok(())
@@ -157,4 +148,30 @@ fn mirror_kernel(c: &Consts, p: &mut [f32], g: &[f32], bufs: &mut [&mut [f32]]) 
         z[i] += c.step * grad / rho;
         p[i] = p[i] * c.momentum + z[i] * c.one_minus_momentum;
     }
+}
+
+/// [`mirror_kernel`] as tensor ops on the parameter's device: returns the new
+/// parameter values and replaces `bufs` = [ν, z].
+fn mirror_tensors(
+    c: &Consts,
+    p: &Tensor,
+    g: &Tensor,
+    bufs: &mut [Tensor],
+) -> candle_core::Result<Tensor> {
+    let grad = if c.wd_coupled != 0.0 {
+        (g + p.affine(c.wd_coupled as f64, 0.0)?)?
+    } else {
+        g.clone()
+    };
+    let mut z = bufs[1].clone();
+    if c.wd_decoupled != 0.0 {
+        z = (&z + z.affine(c.wd_decoupled as f64, 0.0)?)?;
+    }
+    let nu = (bufs[0].affine(c.update_ratio as f64, 0.0)? + grad.sqr()?)?;
+    let rho = rho_guarded(&nu, c.eps)?;
+    let z = (z + (grad.affine(c.step as f64, 0.0)? / rho)?)?;
+    let new = (p.affine(c.momentum as f64, 0.0)? + z.affine(c.one_minus_momentum as f64, 0.0)?)?;
+    bufs[0] = nu;
+    bufs[1] = z;
+    Ok(new)
 }

@@ -166,6 +166,21 @@ pub struct OptimizerConfig {
     pub decouple_decay: bool,
     /// Adam moment decay rates.
     pub betas: (f64, f64),
+    /// Where the element-wise updates run (not a config key: the device decides).
+    pub update: UpdatePath,
+}
+
+/// Where an optimizer runs its element-wise updates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpdatePath {
+    /// The fused host kernel for parameters in CPU memory; tensor ops on the
+    /// parameter's own device otherwise, so a GPU's parameters, gradients and
+    /// state never travel to the host.
+    #[default]
+    ByDevice,
+    /// Tensor ops for every parameter: what GPUs run, selectable on the CPU
+    /// so that tests can check it against the host kernel.
+    TensorOps,
 }
 
 impl OptimizerConfig {
@@ -179,6 +194,7 @@ impl OptimizerConfig {
             eps: 1e-6,
             decouple_decay: false,
             betas: (0.9, 0.999),
+            update: UpdatePath::ByDevice,
         };
         match kind {
             OptimizerKind::Madgrad => base,
@@ -293,6 +309,15 @@ impl OptimizerConfig {
 /// One state buffer read back from a checkpoint: its shape and values.
 type SavedBuffer = (Shape, Vec<f32>);
 
+/// How a state buffer starts before a parameter's first update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Init {
+    /// All zeros.
+    Zeros,
+    /// A copy of the parameter's values.
+    Param,
+}
+
 /// Per-parameter f32 buffers of an optimizer, keyed by parameter name.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct StateStore {
@@ -301,28 +326,147 @@ pub(crate) struct StateStore {
 
 /// The buffers of one parameter.
 #[derive(Clone, Debug)]
-pub(crate) struct ParamState {
-    pub shape: Shape,
-    /// One buffer per name in the owner's buffer list, same length as the parameter.
-    pub buffers: Vec<Vec<f32>>,
+struct ParamState {
+    shape: Shape,
+    /// One buffer per name in the owner's buffer list, each the parameter's size.
+    buffers: Buffers,
+}
+
+/// Where a parameter's state buffers live: they follow its update path.
+#[derive(Clone, Debug)]
+enum Buffers {
+    /// Host vectors, for the fused host kernel.
+    Host(Vec<Vec<f32>>),
+    /// f32 tensors on the parameter's device, for the tensor-op path.
+    Device(Vec<Tensor>),
+}
+
+impl ParamState {
+    /// Fresh buffers for `param`, as `inits` say, on the host or on its device.
+    fn new(param: &Param, inits: &[Init], on_device: bool) -> Result<Self> {
+        let var = &param.var;
+        let buffers = if on_device {
+            let p = var.as_detached_tensor();
+            Buffers::Device(
+                inits
+                    .iter()
+                    .map(|init| match init {
+                        Init::Zeros => p.zeros_like(),
+                        Init::Param => p.copy(),
+                    })
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        } else {
+            let n = var.elem_count();
+            Buffers::Host(
+                inits
+                    .iter()
+                    .map(|init| match init {
+                        Init::Zeros => Ok(vec![0f32; n]),
+                        Init::Param => var.flatten_all()?.to_device(&Device::Cpu)?.to_vec1(),
+                    })
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        };
+        Ok(Self {
+            shape: var.shape().clone(),
+            buffers,
+        })
+    }
+
+    /// The buffers as tensors on `device`, moved there first if they are elsewhere.
+    fn on_device(&mut self, device: &Device) -> Result<&mut [Tensor]> {
+        let moved: Vec<Tensor> = match &self.buffers {
+            Buffers::Device(ts) if ts.iter().all(|t| t.device().same_device(device)) => Vec::new(),
+            Buffers::Device(ts) => ts
+                .iter()
+                .map(|t| t.to_device(device))
+                .collect::<candle_core::Result<_>>()?,
+            Buffers::Host(vs) => vs
+                .iter()
+                .map(|v| Tensor::from_slice(v, self.shape.clone(), device))
+                .collect::<candle_core::Result<_>>()?,
+        };
+        if !moved.is_empty() {
+            self.buffers = Buffers::Device(moved);
+        }
+        match &mut self.buffers {
+            Buffers::Device(ts) => Ok(ts),
+            Buffers::Host(_) => unreachable!("buffers were just moved to the device"),
+        }
+    }
+
+    /// The buffers as host vectors, copied back first if they are on a device.
+    fn on_host(&mut self) -> Result<&mut [Vec<f32>]> {
+        if let Buffers::Device(ts) = &self.buffers {
+            let vs = ts
+                .iter()
+                .map(|t| t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1())
+                .collect::<candle_core::Result<_>>()?;
+            self.buffers = Buffers::Host(vs);
+        }
+        match &mut self.buffers {
+            Buffers::Host(vs) => Ok(vs),
+            Buffers::Device(_) => unreachable!("buffers were just copied to the host"),
+        }
+    }
 }
 
 impl StateStore {
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut ParamState> {
-        self.entries.get_mut(name)
+    /// One update of `param` with gradient `grad`: its state buffers (created
+    /// by `inits` on first use), then `host(values, grad, buffers)` over chunks
+    /// of host memory, or `tensors(param, grad, buffers) -> new values` with
+    /// tensor ops on the parameter's device, as `path` and the device say.
+    /// Both must compute the same update.
+    pub fn update<K, T>(
+        &mut self,
+        path: UpdatePath,
+        param: &Param,
+        grad: &Tensor,
+        inits: &[Init],
+        host: K,
+        tensors: T,
+    ) -> Result<()>
+    where
+        K: Fn(&mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
+        T: FnOnce(&Tensor, &Tensor, &mut [Tensor]) -> candle_core::Result<Tensor>,
+    {
+        check_update(param, grad)?;
+        let device = param.var.device();
+        let on_device = path == UpdatePath::TensorOps || !device.is_cpu();
+        let state = match self.entries.get_mut(&param.name) {
+            Some(state) => state,
+            None => self
+                .entries
+                .entry(param.name.clone())
+                .or_insert(ParamState::new(param, inits, on_device)?),
+        };
+        if on_device {
+            let buffers = state.on_device(device)?;
+            let p = param.var.as_detached_tensor();
+            let g = grad.detach().to_device(device)?.to_dtype(DType::F32)?;
+            let new =
+                tensors(&p, &g, buffers).with_context(|| format!("updating `{}`", param.name))?;
+            param.var.set(&new)?;
+            Ok(())
+        } else {
+            fused_update(param, grad, state.on_host()?, host)
+        }
     }
 
-    pub fn insert(&mut self, name: &str, state: ParamState) -> &mut ParamState {
-        self.entries.entry(name.to_string()).or_insert(state)
-    }
-
-    /// `<param>.<buffer>` tensors of every parameter.
+    /// `<param>.<buffer>` tensors of every parameter (on the device the
+    /// buffers live on).
     pub fn to_tensors(&self, names: &[&str]) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for (param, state) in &self.entries {
-            for (buf, data) in names.iter().zip(&state.buffers) {
-                let t = Tensor::from_vec(data.clone(), state.shape.clone(), &Device::Cpu)
-                    .expect("state buffer matches its shape");
+            for (i, buf) in names.iter().enumerate() {
+                let t = match &state.buffers {
+                    Buffers::Host(vs) => {
+                        Tensor::from_slice(&vs[i], state.shape.clone(), &Device::Cpu)
+                            .expect("state buffer matches its shape")
+                    }
+                    Buffers::Device(ts) => ts[i].clone(),
+                };
                 out.push((format!("{param}.{buf}"), t));
             }
         }
@@ -330,7 +474,8 @@ impl StateStore {
     }
 
     /// Rebuilds the store from `<param>.<buffer>` tensors; every parameter must
-    /// have all of `names`.
+    /// have all of `names`. The buffers move to their parameter's device at its
+    /// next update.
     pub fn from_tensors(tensors: &HashMap<String, Tensor>, names: &[&str]) -> Result<Self> {
         // Parameter name -> one slot per buffer name.
         let mut found: BTreeMap<String, Vec<Option<SavedBuffer>>> = BTreeMap::new();
@@ -346,6 +491,7 @@ impl StateStore {
             let data = t
                 .to_dtype(DType::F32)?
                 .flatten_all()?
+                .to_device(&Device::Cpu)?
                 .to_vec1::<f32>()
                 .with_context(|| format!("reading optimizer state `{key}`"))?;
             found
@@ -366,29 +512,32 @@ impl StateStore {
                 buffers.push(data);
             }
             let shape = shape.ok_or_else(|| anyhow!("optimizer state of `{param}` is empty"))?;
-            store.entries.insert(param, ParamState { shape, buffers });
+            store.entries.insert(
+                param,
+                ParamState {
+                    shape,
+                    buffers: Buffers::Host(buffers),
+                },
+            );
         }
         Ok(store)
     }
 }
 
-/// Elements per parallel work item of an update.
-const CHUNK: usize = 1 << 14;
+/// MADGRAD's denominator `ν^(1/3) + eps` as tensor ops, infinite where it is
+/// 0 with eps 0 (an element that never had a gradient then does not move), as
+/// the host kernels' guard.
+pub(crate) fn rho_guarded(nu: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let rho = nu.powf(1.0 / 3.0)?.affine(1.0, eps as f64)?;
+    if eps != 0.0 {
+        return Ok(rho);
+    }
+    let inf = Tensor::new(f32::INFINITY, rho.device())?.broadcast_as(rho.shape())?;
+    rho.eq(0.0)?.where_cond(&inf, &rho)
+}
 
-/// Runs `kernel(p, g, buffers)` over matching chunks of the parameter, its
-/// gradient and its state buffers, in parallel, writing the parameter in place.
-///
-/// The gradient must have the parameter's shape. On the CPU the parameter's own
-/// storage is updated; elsewhere the values make one round trip through the host.
-pub(crate) fn fused_update<K>(
-    param: &Param,
-    grad: &Tensor,
-    state: &mut ParamState,
-    kernel: K,
-) -> Result<()>
-where
-    K: Fn(&mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
-{
+/// Fails unless `grad` has the shape of `param` and `param` is f32.
+fn check_update(param: &Param, grad: &Tensor) -> Result<()> {
     if grad.dims() != param.var.dims() {
         bail!(
             "gradient of `{}` has shape {:?}, the parameter {:?}",
@@ -404,13 +553,24 @@ where
             param.var.dtype()
         )
     }
+    Ok(())
+}
+
+/// Elements per parallel work item of an update.
+const CHUNK: usize = 1 << 14;
+
+/// Runs `kernel(p, g, buffers)` over matching chunks of the parameter, its
+/// gradient and its state buffers, in parallel, writing the parameter in place.
+/// On the CPU the parameter's own storage is updated; elsewhere the values make
+/// one round trip through the host.
+fn fused_update<K>(param: &Param, grad: &Tensor, buffers: &mut [Vec<f32>], kernel: K) -> Result<()>
+where
+    K: Fn(&mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
+{
     with_f32_slice(grad, |g| {
         let run = |p: &mut [f32]| {
-            let mut bufs: Vec<std::slice::ChunksMut<'_, f32>> = state
-                .buffers
-                .iter_mut()
-                .map(|b| b.chunks_mut(CHUNK))
-                .collect();
+            let mut bufs: Vec<std::slice::ChunksMut<'_, f32>> =
+                buffers.iter_mut().map(|b| b.chunks_mut(CHUNK)).collect();
             let work: Vec<_> = p
                 .chunks_mut(CHUNK)
                 .zip(g.chunks(CHUNK))

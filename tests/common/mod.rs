@@ -255,3 +255,18 @@ pub fn reload_via_safetensors(
     )
     .unwrap()
 }
+
+/// Deterministic values in [-1, 1) (a 64-bit LCG), times `scale`, offset by `shift`.
+pub fn noise(n: usize, seed: u64, scale: f64, shift: f64) -> Vec<f64> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale + shift
+        })
+        .collect()
+}
