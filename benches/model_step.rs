@@ -12,7 +12,9 @@
 //! `LCASR_BENCH_DTYPE=bf16|f16` computes in half precision (f32 weights);
 //! `LCASR_BENCH_COMPOSED=1` forces every op onto its composed path (the one
 //! an op takes without a native kernel) and `LCASR_BENCH_PHASES=1` reports
-//! the forward, CTC and backward times of each step (synchronising between).
+//! the forward, CTC and backward times of each step (synchronising between);
+//! on a GPU, `LCASR_KERNEL_PROFILE=1` adds each step's GPU time per lcasr
+//! kernel (`lcasr_kernels::kernel_profile`; the rest is candle and cuBLAS).
 
 use std::time::Instant;
 
@@ -151,6 +153,10 @@ fn main() {
             _ => String::new(),
         };
         eprintln!("  step {}: {ms:.0} ms{split}", times.len() + 1);
+        #[cfg(feature = "cuda")]
+        if let Some(report) = lcasr_kernels::kernel_profile::take_report().unwrap() {
+            eprint!("{report}");
+        }
         times.push(ms);
     };
     for _ in 0..runs {

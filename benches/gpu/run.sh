@@ -25,7 +25,9 @@
 # (default "kernel"): "kernel" is the fused CUDA kernel, a number N is
 # chunked attention through cuBLAS, N query rows at a time
 # (LCASR_ATTENTION_CHUNK=N; docs/gpu.md), e.g. LCASR_GPU_ATTENTION="1024 kernel".
-# Other environment the programs read passes through.
+# Other environment the programs read passes through, e.g.
+# LCASR_KERNEL_PROFILE=1: parts 2 and 3 print each step's GPU time per lcasr
+# kernel (CUDA events around every launch, which costs a little time).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=${1:-target/gpu-bundle}

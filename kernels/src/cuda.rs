@@ -129,19 +129,23 @@ pub(crate) fn block_grid(blocks: usize, threads: u32) -> LaunchConfig {
 }
 
 /// Launches kernel `$func` of `$module` on `$dev` with `$cfg` and the
-/// arguments, mapping a launch failure to a candle error.
+/// arguments, mapping a launch failure to a candle error (timed with
+/// `LCASR_KERNEL_PROFILE=1`, [`crate::kernel_profile`]).
 ///
 /// Every kernel of this crate reads within the buffers whose sizes its
 /// integer arguments describe and writes each element of its outputs once;
 /// callers pass arguments that hold to that.
 macro_rules! launch {
     ($module:expr, $dev:expr, $func:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let f = $module.func($dev, $func)?;
+        let name = $func;
+        let f = $module.func($dev, name)?;
         let stream = $dev.cuda_stream();
+        let timing = $crate::kernel_profile::start(&stream)?;
         let mut args = stream.launch_builder(&f);
         $(args.arg($arg);)+
         // SAFETY: see the macro's documentation.
         unsafe { args.launch($cfg) }.w()?;
+        $crate::kernel_profile::finish(timing, name, &stream)?;
     }};
 }
 pub(crate) use launch;

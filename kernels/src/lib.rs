@@ -25,6 +25,8 @@ mod cuda;
 pub mod depthwise_conv;
 pub mod device_memory;
 pub mod glu;
+#[cfg(feature = "cuda")]
+pub mod kernel_profile;
 pub mod norm;
 #[cfg(feature = "cuda")]
 mod norm_cuda;

@@ -509,3 +509,25 @@ fn ctc() {
         1e-4,
     );
 }
+
+/// `LCASR_KERNEL_PROFILE`'s report names the kernels launched since the last
+/// one, with their calls, and is empty of them afterwards.
+#[test]
+fn kernel_profile_reports_launches() {
+    use lcasr_kernels::kernel_profile::{set_enabled, take_report};
+    let x = Tensor::ones((4, 6), DType::F32, &gpu()).unwrap();
+    set_enabled(true);
+    take_report().unwrap();
+    glu(&x).unwrap();
+    glu(&x).unwrap();
+    let report = take_report().unwrap().expect("profiling is on");
+    set_enabled(false);
+    let line = report
+        .lines()
+        .find(|l| l.contains("glu"))
+        .unwrap_or_else(|| panic!("no GLU kernel in the report:\n{report}"));
+    assert!(line.contains(" 2 x "), "two launches expected: {line}");
+    assert!(report.starts_with("lcasr kernels:"), "{report}");
+    let after = take_report().unwrap();
+    assert!(after.is_none(), "launches reported twice: {after:?}");
+}
