@@ -72,6 +72,7 @@ fn main() {
             script_args: Default::default(),
             ranks: None,
             gpus: false,
+            processes: false,
         };
         let start = Instant::now();
         experiment::run(&exp).unwrap_or_else(|e| panic!("{e}"));

@@ -5,9 +5,10 @@
 //!
 //! With several ranks (`--ranks N`) the script runs data-parallel: N copies,
 //! one thread each with its own session, joined by an in-process
-//! [`Collective`] (`crate::parallel`). A GPU build maps `--gpus N` onto the
-//! same code with one process per GPU and an NCCL implementation of the
-//! trait (not part of this CPU build).
+//! [`Collective`] (`crate::parallel`), or one process each
+//! (`--processes`, `crate::rank_processes`, exchanging over TCP). A GPU build
+//! maps `--gpus N` onto the processes, with rank r on GPU r and NCCL as the
+//! collective.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::hash::sha256_hex;
 use crate::parallel::driver::refuse_unsynchronised_norm;
 use crate::parallel::threads::run_on_threads_with;
 use crate::parallel::{Collective, InProcessGroup};
+use crate::rank_processes::run_rank_processes;
 use crate::run::metrics::{read_metrics, MetricsWriter};
 use crate::run::run_dir::{
     compare_records, git_commit, now_utc, ResumeRecord, RunDir, RunRecord, StartMode,
@@ -59,13 +61,17 @@ pub struct Experiment {
     pub compare_with: Option<PathBuf>,
     /// Script arguments (`--set name=value`), read with `arg()`.
     pub script_args: BTreeMap<String, String>,
-    /// Data-parallel ranks (threads), at least 1; `None`: 1 for a new run,
+    /// Data-parallel ranks, at least 1; `None`: 1 for a new run,
     /// the recorded count when resuming.
     pub ranks: Option<usize>,
-    /// Rank `r` trains on GPU `r` and the ranks exchange over NCCL
-    /// (`--gpus N`; a build with the `nccl` feature) instead of running as
-    /// CPU threads on `training.device`.
+    /// Rank `r` trains on GPU `r`, each rank in its own process, and the
+    /// ranks exchange over NCCL (`--gpus N`; a build with the `nccl`
+    /// feature) instead of running as CPU threads on `training.device`.
     pub gpus: bool,
+    /// Each rank runs in its own process (rank 0 in this one) instead of a
+    /// thread, exchanging over loopback TCP (`--processes`; always with
+    /// `gpus`). The run's results are the same bits either way.
+    pub processes: bool,
 }
 
 /// How an experiment ended.
@@ -173,7 +179,8 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         refuse_unsynchronised_norm(&cfg)?;
     }
     // Opened before anything is written, so a missing GPU costs no run directory.
-    let devices = rank_devices(&cfg.training.device, exp.ranks.unwrap_or(1), exp.gpus)?;
+    let ranks = exp.ranks.unwrap_or(1);
+    let devices = rank_devices(&cfg.training.device, ranks, exp.gpus)?;
     let interrupts = interrupt_counter();
     let compile_opts = CompileOptions {
         import_roots: exp.import_roots.clone(),
@@ -317,13 +324,28 @@ pub fn run(exp: &Experiment) -> Result<Outcome, ExperimentError> {
         })
         .collect();
     let run_dir = dir.root().to_path_buf();
-    // `--gpus` always goes through the rank runner: one GPU still runs NCCL.
-    let result = if setups.len() == 1 && !exp.gpus {
+    // `--gpus` always runs ranks as processes: one GPU still runs NCCL.
+    let result = if exp.gpus || (exp.processes && setups.len() > 1) {
+        drop(compiled);
+        let names: Vec<String> = (0..setups.len())
+            .map(|r| {
+                if exp.gpus {
+                    format!("cuda:{r}")
+                } else {
+                    cfg.training.device.clone()
+                }
+            })
+            .collect();
+        run_rank_processes(&exp.script, &compile_opts, setups, &names, exp.gpus)?
+    } else if setups.len() == 1 {
         let setup = setups.into_iter().next().expect("one rank");
         compiled.run(setup)
     } else {
         drop(compiled);
-        let comms = rank_comms(&devices, setups.len(), exp.gpus)?;
+        let comms = InProcessGroup::with_ranks(setups.len())?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Collective>)
+            .collect();
         run_ranks(&exp.script, &compile_opts, setups, comms)?
     };
     if let (Some(hint), true) = (
@@ -374,34 +396,48 @@ fn run_ranks(
             Err(what) => bail!("data-parallel rank {rank} of {world} panicked: {what}"),
         }
     }
-    let first = ran.first_failure;
+    Ok(first_failure(world, failures, ran.first_failure))
+}
+
+/// The outcome of a data-parallel run from its ranks' `failures`: the
+/// failure of rank `first` (the first that failed; the others usually failed
+/// because it left), else the first listed, else success. An interrupted
+/// run stays interrupted; other failures name their rank.
+pub(crate) fn first_failure(
+    world: usize,
+    mut failures: Vec<(usize, ScriptFailure)>,
+    first: Option<usize>,
+) -> Result<(), ScriptFailure> {
     let index = first.and_then(|r| failures.iter().position(|(rank, _)| *rank == r));
     let Some(index) = index.or((!failures.is_empty()).then_some(0)) else {
-        return Ok(Ok(()));
+        return Ok(());
     };
     let (rank, failure) = failures.swap_remove(index);
     if failure.interrupted {
-        return Ok(Err(failure));
+        return Err(failure);
     }
-    Ok(Err(ScriptFailure {
+    Err(ScriptFailure {
         message: format!(
             "data-parallel rank {rank} of {world} failed:\n{}",
             failure.message
         ),
         interrupted: false,
-    }))
+    })
 }
 
-/// The device of each rank: with `gpus`, GPU `r` for rank `r` of `ranks`;
-/// otherwise `training.device` (`configured`) for every rank, which must be
-/// the CPU when there are several (they run as CPU threads).
+/// The devices this process opens for a run of `ranks` ranks: with `gpus`,
+/// GPU 0 for rank 0 (each worker process opens its own GPU; the machine must
+/// have one per rank); otherwise `training.device` (`configured`) for every
+/// rank, which must be the CPU when there are several (CPU threads or
+/// processes).
 fn rank_devices(configured: &str, ranks: usize, gpus: bool) -> Result<Vec<Device>> {
     if !gpus {
         let device = open_device(configured).map_err(|e| anyhow!("training.device: {e:#}"))?;
         if !device.is_cpu() && ranks > 1 {
             bail!(
-                "--ranks runs data-parallel ranks as CPU threads; to train on several GPUs \
-                 use --gpus N (a build with `--features nccl`, docs/gpu.md)"
+                "--ranks runs data-parallel ranks on the CPU (threads, or processes with \
+                 --processes); to train on several GPUs use --gpus N (a build with \
+                 `--features nccl`, docs/gpu.md)"
             );
         }
         return Ok(vec![device]);
@@ -412,29 +448,14 @@ fn rank_devices(configured: &str, ranks: usize, gpus: bool) -> Result<Vec<Device
              one device (--device) or on CPU threads (--ranks)"
         );
     }
-    (0..ranks)
-        .map(|r| {
-            open_device(&format!("cuda:{r}"))
-                .map_err(|e| anyhow!("--gpus {ranks}: rank {r} needs GPU {r}: {e:#}"))
-        })
-        .collect()
-}
-
-/// The communicators of `world` ranks: NCCL over `devices` with `gpus`,
-/// in-process otherwise.
-fn rank_comms(devices: &[Device], world: usize, gpus: bool) -> Result<Vec<Arc<dyn Collective>>> {
-    if gpus {
-        #[cfg(feature = "nccl")]
-        return Ok(crate::parallel::nccl::nccl_group(devices)?
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Collective>)
-            .collect());
+    // Each rank's process opens its own GPU; here only GPU 0 (rank 0's),
+    // after checking that every rank has one.
+    let count = crate::runtime::device::cuda_device_count()?;
+    if count < ranks {
+        bail!("--gpus {ranks}: this machine has {count} GPU(s)");
     }
-    let _ = devices;
-    Ok(InProcessGroup::with_ranks(world)?
-        .into_iter()
-        .map(|c| Arc::new(c) as Arc<dyn Collective>)
-        .collect())
+    let device = open_device("cuda:0").map_err(|e| anyhow!("--gpus {ranks}: GPU 0: {e:#}"))?;
+    Ok(vec![device])
 }
 
 /// The scripts of a run under the names they get in `scripts/` of the run
@@ -542,6 +563,7 @@ pub fn reproduce(
         script_args: recorded.script_args.clone(),
         ranks: Some(recorded.ranks),
         gpus: false,
+        processes: false,
     };
     let comparison = match run(&exp)? {
         Outcome::Finished { comparison, .. } => comparison,

@@ -13,6 +13,7 @@ pub mod hash;
 pub mod infer;
 pub mod model;
 pub mod parallel;
+pub mod rank_processes;
 pub mod run;
 pub mod runtime;
 pub mod script;

@@ -47,6 +47,11 @@ enum Command {
     Reproduce(ReproduceArgs),
     /// Predict the peak memory of training a config, per sequence-scheduler stage.
     Memory(MemoryArgs),
+    /// One rank of a data-parallel run started with --processes or --gpus
+    /// (internal: the launching process starts it and hands it its part on
+    /// standard input).
+    #[command(name = "rank-worker", hide = true)]
+    RankWorker,
 }
 
 #[derive(Args)]
@@ -94,10 +99,16 @@ struct RunDirArgs {
     #[arg(long, value_name = "N", value_parser = parse_ranks, conflicts_with = "gpus")]
     ranks: Option<usize>,
     /// Train data-parallel on GPUs 0..N-1 of this machine: `--ranks N` with
-    /// rank r on GPU r, the ranks exchanging over NCCL (needs a build with
-    /// `--features nccl`; docs/gpu.md). Give it again with --resume.
+    /// rank r on GPU r in a process of its own, the ranks exchanging over
+    /// NCCL (needs a build with `--features nccl`; docs/gpu.md). Give it
+    /// again with --resume.
     #[arg(long, value_name = "N", value_parser = parse_ranks)]
     gpus: Option<usize>,
+    /// Run each rank of `--ranks N` in a process of its own (rank 0 in this
+    /// one, exchanging over loopback TCP) instead of a thread; the results
+    /// are the same bits. Always so with --gpus.
+    #[arg(long)]
+    processes: bool,
     /// Where to train: cpu, cuda or cuda:N (sets `training.device`; a GPU
     /// needs a build with `--features cuda`, see docs/gpu.md).
     #[arg(long, value_name = "DEVICE")]
@@ -369,6 +380,10 @@ fn main() -> ExitCode {
         }
         Command::Reproduce(args) => reproduce(&args),
         Command::Memory(args) => memory(&args),
+        Command::RankWorker => {
+            let status = lcasr::rank_processes::run_worker(std::io::stdin().lock());
+            ExitCode::from(status as u8)
+        }
     }
 }
 
@@ -696,6 +711,7 @@ fn experiment(
         script_args: run.script_args.iter().cloned().collect(),
         ranks: run.ranks.or(run.gpus),
         gpus: run.gpus.is_some(),
+        processes: run.processes,
     };
     match experiment::run(&exp) {
         Ok(Outcome::Finished { run_dir, .. }) => {

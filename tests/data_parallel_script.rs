@@ -236,18 +236,7 @@ fn ctrl_c_stops_every_rank_and_resume_continues_the_two_rank_run_exactly() {
 fn a_failure_on_one_rank_stops_every_rank_and_bad_counts_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = common::tiny_experiment(dir.path(), 1);
-    // train.rhai failing on a rank that holds none of a chunk's items (rank
-    // 1 of 2 in the batch of one recording, perhaps rank 0 earlier).
-    let source = std::fs::read_to_string(common::repo().join("scripts/train.rhai")).unwrap();
-    let marker = "        let x = chunk.features;";
-    assert!(source.contains(marker));
-    let failing = source.replacen(
-        marker,
-        &format!("        if chunk.size == 0 {{ throw \"no items here\"; }}\n{marker}"),
-        1,
-    );
-    let script = dir.path().join("failing.rhai");
-    std::fs::write(&script, failing).unwrap();
+    let script = common::failing_train_script(dir.path());
     let run = dir.path().join("run");
     let out = train(
         &config,

@@ -44,9 +44,18 @@ pub struct RankLeft {
     pub rank: usize,
 }
 
+impl RankLeft {
+    /// Whether an error message (e.g. a script failure's, which keeps only
+    /// the text) reports that some rank left the group, rather than a
+    /// failure of the rank's own.
+    pub fn is_reported_in(message: &str) -> bool {
+        message.contains("left the data-parallel group")
+    }
+}
+
 /// What one rank brings to a collective call.
 #[derive(Clone, Debug, PartialEq)]
-enum Payload {
+pub(crate) enum Payload {
     F32(Vec<f32>),
     F64(Vec<f64>),
     /// Only the length: a non-root rank of a broadcast, or a barrier.
@@ -54,7 +63,8 @@ enum Payload {
 }
 
 impl Payload {
-    fn len(&self) -> usize {
+    /// Number of values (or the announced length).
+    pub(crate) fn len(&self) -> usize {
         match self {
             Payload::F32(v) => v.len(),
             Payload::F64(v) => v.len(),
@@ -65,7 +75,7 @@ impl Payload {
 
 /// The kind of a collective call, to check that all ranks agree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     SumF32,
     SumF64,
     Broadcast(usize),
@@ -172,7 +182,7 @@ impl InProcessComm {
 }
 
 /// The result of a call from every rank's contribution, in rank order.
-fn combine(calls: &[(Kind, Payload)]) -> std::result::Result<Payload, String> {
+pub(crate) fn combine(calls: &[(Kind, Payload)]) -> std::result::Result<Payload, String> {
     let (kind, first) = &calls[0];
     for (rank, (k, p)) in calls.iter().enumerate().skip(1) {
         if k != kind || p.len() != first.len() {
@@ -224,6 +234,87 @@ fn combine(calls: &[(Kind, Payload)]) -> std::result::Result<Payload, String> {
     }
 }
 
+/// A group member that takes part in a call by handing over its whole
+/// payload and receiving the combined result ([`combine`]): the in-process
+/// group and the TCP group of `super::tcp`. [`Collective`]'s operations
+/// follow from it ([`exchanges_via_payloads!`]).
+pub(crate) trait PayloadExchange {
+    /// Takes part in one collective call and returns its result.
+    fn exchange(&self, kind: Kind, payload: Payload) -> Result<Payload>;
+}
+
+/// [`Collective::all_reduce_sum`] over a [`PayloadExchange`].
+pub(crate) fn sum_f32(ex: &impl PayloadExchange, data: &mut [f32]) -> Result<()> {
+    match ex.exchange(Kind::SumF32, Payload::F32(data.to_vec()))? {
+        Payload::F32(v) => data.copy_from_slice(&v),
+        _ => bail!("all_reduce_sum: the group returned no f32 values"),
+    }
+    Ok(())
+}
+
+/// [`Collective::all_reduce_sum_f64`] over a [`PayloadExchange`].
+pub(crate) fn sum_f64(ex: &impl PayloadExchange, data: &mut [f64]) -> Result<()> {
+    match ex.exchange(Kind::SumF64, Payload::F64(data.to_vec()))? {
+        Payload::F64(v) => data.copy_from_slice(&v),
+        _ => bail!("all_reduce_sum_f64: the group returned no f64 values"),
+    }
+    Ok(())
+}
+
+/// [`Collective::broadcast`] over a [`PayloadExchange`] whose rank is `rank`.
+pub(crate) fn broadcast_from(
+    ex: &impl PayloadExchange,
+    rank: usize,
+    data: &mut [f32],
+    root: usize,
+) -> Result<()> {
+    let payload = if rank == root {
+        Payload::F32(data.to_vec())
+    } else {
+        Payload::Len(data.len())
+    };
+    match ex.exchange(Kind::Broadcast(root), payload)? {
+        Payload::F32(v) => data.copy_from_slice(&v),
+        _ => bail!("broadcast: the group returned no values"),
+    }
+    Ok(())
+}
+
+/// [`Collective::barrier`] over a [`PayloadExchange`].
+pub(crate) fn barrier_of(ex: &impl PayloadExchange) -> Result<()> {
+    ex.exchange(Kind::Barrier, Payload::Len(0)).map(|_| ())
+}
+
+impl PayloadExchange for InProcessComm {
+    fn exchange(&self, kind: Kind, payload: Payload) -> Result<Payload> {
+        InProcessComm::exchange(self, kind, payload)
+    }
+}
+
+/// The exchanges of a [`Collective`] impl for a type that is a
+/// [`PayloadExchange`]: [`sum_f32`], [`sum_f64`], [`broadcast_from`] and
+/// [`barrier_of`].
+macro_rules! exchanges_via_payloads {
+    () => {
+        fn all_reduce_sum(&self, data: &mut [f32]) -> anyhow::Result<()> {
+            $crate::parallel::collective::sum_f32(self, data)
+        }
+
+        fn all_reduce_sum_f64(&self, data: &mut [f64]) -> anyhow::Result<()> {
+            $crate::parallel::collective::sum_f64(self, data)
+        }
+
+        fn broadcast(&self, data: &mut [f32], root: usize) -> anyhow::Result<()> {
+            $crate::parallel::collective::broadcast_from(self, self.rank(), data, root)
+        }
+
+        fn barrier(&self) -> anyhow::Result<()> {
+            $crate::parallel::collective::barrier_of(self)
+        }
+    };
+}
+pub(crate) use exchanges_via_payloads;
+
 impl Collective for InProcessComm {
     fn rank(&self) -> usize {
         self.rank
@@ -233,38 +324,7 @@ impl Collective for InProcessComm {
         self.shared.world
     }
 
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        match self.exchange(Kind::SumF32, Payload::F32(data.to_vec()))? {
-            Payload::F32(v) => data.copy_from_slice(&v),
-            _ => bail!("all_reduce_sum: the group returned no f32 values"),
-        }
-        Ok(())
-    }
-
-    fn all_reduce_sum_f64(&self, data: &mut [f64]) -> Result<()> {
-        match self.exchange(Kind::SumF64, Payload::F64(data.to_vec()))? {
-            Payload::F64(v) => data.copy_from_slice(&v),
-            _ => bail!("all_reduce_sum_f64: the group returned no f64 values"),
-        }
-        Ok(())
-    }
-
-    fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()> {
-        let payload = if self.rank == root {
-            Payload::F32(data.to_vec())
-        } else {
-            Payload::Len(data.len())
-        };
-        match self.exchange(Kind::Broadcast(root), payload)? {
-            Payload::F32(v) => data.copy_from_slice(&v),
-            _ => bail!("broadcast: the group returned no values"),
-        }
-        Ok(())
-    }
-
-    fn barrier(&self) -> Result<()> {
-        self.exchange(Kind::Barrier, Payload::Len(0)).map(|_| ())
-    }
+    exchanges_via_payloads!();
 }
 
 impl Drop for InProcessComm {

@@ -1,25 +1,26 @@
 //! Data parallelism across the GPUs of this machine over NCCL (the `nccl`
-//! feature; `lcasr train --gpus N`): one communicator per GPU, made together
-//! in this process (`ncclCommInitAll`), each driven by its rank's thread, so
-//! the data-parallel code that runs in CI on CPU threads
-//! ([`super::InProcessGroup`]) drives the GPUs unchanged.
+//! feature; `lcasr train --gpus N`): one process per GPU
+//! (`crate::rank_processes`), each joining the group with the id rank 0 made
+//! ([`unique_id`], [`join`]), so the data-parallel code that runs in CI on
+//! CPU threads and processes drives the GPUs unchanged.
 //!
 //! The exchanges take host slices, as every [`Collective`] does: the values
 //! go up to the rank's GPU, NCCL sums or broadcasts them there, and they come
-//! back (the optimizers update on the host today). NCCL's all-reduce hands
-//! every rank the same values.
+//! back. NCCL's all-reduce hands every rank the same values.
 //!
-//! A rank that fails mid-run would leave the others waiting in NCCL forever;
-//! [`Collective::abort_group`] (called by the rank runner when a rank fails)
-//! aborts every communicator of the group, so the others' next (or current)
-//! exchange fails with [`RankLeft`] naming the failed rank. A rank that ends
-//! normally finalises its communicator (pending exchanges complete) and
-//! destroys it.
+//! A rank that fails mid-run would leave the others waiting in NCCL for
+//! ever: rank 0's watcher of the worker processes calls
+//! [`Collective::abort_group`] when a worker fails, which aborts rank 0's
+//! communicator (its current or next exchange then fails with [`RankLeft`])
+//! and the other workers are killed. A rank that ends normally finalises its
+//! communicator (pending exchanges complete) and destroys it.
 //!
 //! Written without a multi-GPU machine to run it on: it builds and lints with
 //! `--features nccl`; docs/gpu.md says what has run where.
 
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtrMut, DeviceRepr};
@@ -33,94 +34,94 @@ use super::collective::{Collective, RankLeft};
 struct Handle(sys::ncclComm_t);
 
 // SAFETY: an NCCL communicator may be used from any thread, one at a time;
-// each is used by its own rank's thread (under `NcclComm::busy`), and only
+// it is used by its rank's thread (under `NcclComm::busy`), and only
 // aborted from another.
 unsafe impl Send for Handle {}
 
-/// What the ranks of a group share: their communicators while they live, and
-/// the first rank that failed.
-struct Shared {
-    comms: Mutex<Vec<Option<Handle>>>,
-    failed: Mutex<Option<usize>>,
-}
-
-impl Shared {
-    fn comms(&self) -> MutexGuard<'_, Vec<Option<Handle>>> {
-        self.comms.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Aborts every communicator still alive, after `rank` failed.
-    fn abort_all(&self, rank: usize) {
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(rank);
-        for slot in self.comms().iter_mut() {
-            if let Some(h) = slot.take() {
-                // SAFETY: the handle came from ncclCommInitAll and is taken
-                // out of its slot, so it is aborted once; NCCL allows an
-                // abort while another thread waits in an exchange on it.
-                unsafe {
-                    let _ = result::comm_abort(h.0);
-                }
-            }
-        }
-    }
-}
-
-/// One rank's NCCL communicator, on its own GPU.
+/// This process's rank of an NCCL group, on its own GPU.
 pub struct NcclComm {
     rank: usize,
     world: usize,
     /// The stream of the rank's candle device: exchanges run in order with
     /// its kernels.
     stream: Arc<CudaStream>,
-    shared: Arc<Shared>,
+    /// The communicator while it lives (taken out by an abort).
+    comm: Mutex<Option<Handle>>,
     /// One exchange at a time.
     busy: Mutex<()>,
 }
 
-/// One communicator per device of `devices` (distinct CUDA devices), rank `r`
-/// on `devices[r]`.
-pub fn nccl_group(devices: &[Device]) -> Result<Vec<NcclComm>> {
-    if devices.is_empty() {
-        bail!("an NCCL group needs at least one GPU");
+/// A fresh group id, hex-encoded for the other ranks' processes.
+pub fn unique_id() -> Result<String> {
+    let id = result::get_uniqueid().map_err(|e| nccl_error(e, "cannot make an NCCL group id"))?;
+    let mut hex = String::with_capacity(2 * id.internal.len());
+    for byte in id.internal {
+        write!(hex, "{:02x}", byte as u8).expect("writing to a String");
     }
-    let mut streams = Vec::with_capacity(devices.len());
-    let mut ordinals = Vec::with_capacity(devices.len());
-    for (rank, device) in devices.iter().enumerate() {
-        let Device::Cuda(dev) = device else {
-            bail!("rank {rank}: NCCL needs a CUDA device, got {device:?}");
-        };
-        let stream = dev.cuda_stream();
-        let ordinal = stream.context().ordinal() as i32;
-        if ordinals.contains(&ordinal) {
-            bail!("GPU {ordinal} is given to two ranks: NCCL needs one GPU per rank");
-        }
-        ordinals.push(ordinal);
-        streams.push(stream);
+    Ok(hex)
+}
+
+/// Joins the group `id` ([`unique_id`]) as rank `rank` of `world` on
+/// `device`. NCCL returns once every rank has joined; meanwhile `check` runs
+/// every few milliseconds (it fails when another rank's process ended), and
+/// after `timeout` the join is given up.
+pub fn join(
+    id: &str,
+    rank: usize,
+    world: usize,
+    device: &Device,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<()>,
+) -> Result<NcclComm> {
+    let Device::Cuda(dev) = device else {
+        bail!("rank {rank}: NCCL needs a CUDA device, got {device:?}");
+    };
+    let bytes: Vec<u8> = (0..id.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(id.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| anyhow!("a malformed NCCL group id"))?;
+    let mut unique = sys::ncclUniqueId { internal: [0; 128] };
+    if bytes.len() != unique.internal.len() {
+        bail!("an NCCL group id of {} bytes, expected 128", bytes.len());
     }
-    let n = devices.len();
-    let mut raw: Vec<sys::ncclComm_t> = vec![std::ptr::null_mut(); n];
-    // SAFETY: `raw` has room for one communicator per device of `ordinals`.
-    unsafe { result::comm_init_all(raw.as_mut_ptr(), n as i32, ordinals.as_ptr()) }
-        .map_err(|e| nccl_error(e, "cannot set up NCCL over the GPUs"))
-        .with_context(|| format!("GPUs {ordinals:?}"))?;
-    let shared = Arc::new(Shared {
-        comms: Mutex::new(raw.into_iter().map(|c| Some(Handle(c))).collect()),
-        failed: Mutex::new(None),
+    for (dst, src) in unique.internal.iter_mut().zip(&bytes) {
+        *dst = *src as _;
+    }
+    let stream = dev.cuda_stream();
+    let ctx = Arc::clone(stream.context());
+    // NCCL returns once all ranks have joined: wait on another thread, so a
+    // rank that died before joining is noticed here.
+    let joining = std::thread::spawn(move || -> Result<Handle> {
+        ctx.bind_to_thread()
+            .context("cannot make the rank's GPU current")?;
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: `comm` receives the new communicator; the id is 128 bytes.
+        unsafe { result::comm_init_rank(&mut comm, world as i32, unique, rank as i32) }
+            .map_err(|e| nccl_error(e, "cannot join the NCCL group"))?;
+        Ok(Handle(comm))
     });
-    Ok(streams
-        .into_iter()
-        .enumerate()
-        .map(|(rank, stream)| NcclComm {
-            rank,
-            world: n,
-            stream,
-            shared: Arc::clone(&shared),
-            busy: Mutex::new(()),
-        })
-        .collect())
+    let deadline = Instant::now() + timeout;
+    while !joining.is_finished() {
+        check()?;
+        if Instant::now() > deadline {
+            bail!(
+                "rank {rank}: the NCCL group did not form within {} s",
+                timeout.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let handle = joining
+        .join()
+        .map_err(|_| anyhow!("rank {rank}: joining the NCCL group panicked"))??;
+    Ok(NcclComm {
+        rank,
+        world,
+        stream,
+        comm: Mutex::new(Some(handle)),
+        busy: Mutex::new(()),
+    })
 }
 
 /// An NCCL error as a message naming what failed.
@@ -149,17 +150,15 @@ enum Exchange {
 }
 
 impl NcclComm {
+    fn comm(&self) -> MutexGuard<'_, Option<Handle>> {
+        self.comm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// This rank's communicator, or [`RankLeft`] once the group was aborted.
     fn handle(&self) -> Result<sys::ncclComm_t> {
-        match self.shared.comms()[self.rank] {
+        match *self.comm() {
             Some(h) => Ok(h.0),
-            None => {
-                let failed = *self.shared.failed.lock().unwrap_or_else(|e| e.into_inner());
-                Err(RankLeft {
-                    rank: failed.unwrap_or(self.rank),
-                }
-                .into())
-            }
+            None => Err(RankLeft { rank: self.rank }.into()),
         }
     }
 
@@ -177,7 +176,8 @@ impl NcclComm {
             let (ptr, _written) = buf.device_ptr_mut(s);
             let stream = s.cu_stream() as _;
             // SAFETY: `ptr` holds `data.len()` values of type T on this
-            // rank's GPU, and `comm` is alive (aborted only through `shared`).
+            // rank's GPU, and `comm` is alive (an abort takes it out of
+            // `self.comm` first).
             let done = unsafe {
                 match exchange {
                     Exchange::Sum => result::all_reduce(
@@ -241,14 +241,21 @@ impl Collective for NcclComm {
     }
 
     fn abort_group(&self) {
-        self.shared.abort_all(self.rank);
+        if let Some(h) = self.comm().take() {
+            // SAFETY: the handle came from ncclCommInitRank and is taken out
+            // of its slot, so it is aborted once; NCCL allows an abort while
+            // another thread waits in an exchange on it.
+            unsafe {
+                let _ = result::comm_abort(h.0);
+            }
+        }
     }
 }
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let Some(h) = self.shared.comms()[self.rank].take() else {
-            return; // aborted with the group
+        let Some(h) = self.comm().take() else {
+            return; // aborted
         };
         // SAFETY: the handle is taken out of its slot: finalised and
         // destroyed once, after this rank's last exchange.

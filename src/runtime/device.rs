@@ -64,6 +64,21 @@ fn open_cuda(n: usize) -> Result<Device> {
     )
 }
 
+/// Number of CUDA GPUs this machine has (without opening any).
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    let n =
+        CudaContext::device_count().map_err(|e| anyhow::anyhow!("cannot count the GPUs: {e:?}"))?;
+    Ok(n.max(0) as usize)
+}
+
+/// A build without the `cuda` feature sees no GPU.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count() -> Result<usize> {
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

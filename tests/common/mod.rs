@@ -270,3 +270,20 @@ pub fn noise(n: usize, seed: u64, scale: f64, shift: f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// scripts/train.rhai changed to fail ("no items here") on a data-parallel
+/// rank that holds none of a chunk's items (rank 1 of 2 in a batch of one
+/// recording), written into `dir`.
+pub fn failing_train_script(dir: &Path) -> PathBuf {
+    let source = std::fs::read_to_string(repo().join("scripts/train.rhai")).unwrap();
+    let marker = "        let x = chunk.features;";
+    assert!(source.contains(marker));
+    let failing = source.replacen(
+        marker,
+        &format!("        if chunk.size == 0 {{ throw \"no items here\"; }}\n{marker}"),
+        1,
+    );
+    let script = dir.join("failing.rhai");
+    std::fs::write(&script, failing).unwrap();
+    script
+}

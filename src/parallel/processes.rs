@@ -1,0 +1,248 @@
+//! Ranks as processes: rank 0 runs in the launching process, ranks 1..N each
+//! in a process of their own, started from this executable with the hidden
+//! `rank-worker` command and handed their part of the run on standard input.
+//! Each worker ends by printing a [`WorkerReport`] on standard output.
+//!
+//! A watcher thread follows the workers: the first one that fails (an error,
+//! a panic, a kill) aborts rank 0's side of the group, so rank 0 stops
+//! instead of waiting for it, and the remaining workers are killed. Workers
+//! run in their own process group, so a Ctrl-C at the terminal reaches rank 0
+//! only; the ranks agree on stopping through the group itself.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// How a worker's run ended, as it prints it on standard output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerReport {
+    /// The run stopped at Ctrl-C (every rank agreed to stop).
+    pub interrupted: bool,
+    /// The failure, if the run failed.
+    pub message: Option<String>,
+}
+
+/// One started worker.
+struct Worker {
+    rank: usize,
+    child: Child,
+    /// Collects the worker's standard output (its report) as it comes.
+    stdout: Option<JoinHandle<String>>,
+}
+
+/// The workers of a group, ranks 1..N.
+pub struct Workers {
+    workers: Arc<Mutex<Vec<Worker>>>,
+}
+
+/// The name of the hidden command that runs one rank.
+pub const WORKER_COMMAND: &str = "rank-worker";
+
+impl Workers {
+    /// Starts `exe rank-worker` once per `(rank, spec)`, writing the spec to
+    /// its standard input.
+    pub fn spawn(exe: &Path, specs: Vec<(usize, Vec<u8>)>) -> Result<Self> {
+        let mut workers = Vec::with_capacity(specs.len());
+        let started = Self {
+            workers: Arc::new(Mutex::new(Vec::new())),
+        };
+        for (rank, spec) in specs {
+            let mut child = Command::new(exe)
+                .arg(WORKER_COMMAND)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("cannot start rank {rank} ({})", exe.display()))?;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            let written = stdin.write_all(&spec);
+            drop(stdin);
+            let mut out = child.stdout.take().expect("piped stdout");
+            let stdout = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = out.read_to_string(&mut text);
+                text
+            });
+            workers.push(Worker {
+                rank,
+                child,
+                stdout: Some(stdout),
+            });
+            if let Err(e) = written {
+                *started.lock() = workers;
+                return Err(e).with_context(|| format!("cannot hand rank {rank} its part"));
+            }
+        }
+        *started.lock() = workers;
+        Ok(started)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fails with a worker's report if one has already ended (while the
+    /// group is still being set up).
+    pub fn check_running(&self) -> Result<()> {
+        let mut workers = self.lock();
+        for w in workers.iter_mut() {
+            if let Some(status) = w.child.try_wait()? {
+                let report = w.report(status);
+                return Err(anyhow!(
+                    "rank {} ended before joining the group: {}",
+                    w.rank,
+                    report.message.unwrap_or_else(|| "it exited".into())
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts watching the workers: the first that ends with a failure
+    /// while the group runs calls `on_failure(rank)` and kills the others.
+    /// Returns the watcher, which [`Watcher::finish`] ends.
+    pub fn watch(self, on_failure: impl FnOnce(usize) + Send + 'static) -> Watcher {
+        let workers = Arc::clone(&self.workers);
+        let done = Arc::new(Mutex::new(false));
+        let first_failure = Arc::new(Mutex::new(None));
+        let thread = {
+            let (done, first_failure) = (Arc::clone(&done), Arc::clone(&first_failure));
+            std::thread::spawn(move || {
+                let mut on_failure = Some(on_failure);
+                loop {
+                    let finished = *done.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut ws = workers.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut failed = None;
+                    let mut running = 0;
+                    for w in ws.iter_mut() {
+                        match w.child.try_wait() {
+                            Ok(Some(status)) if !status.success() => {
+                                failed.get_or_insert(w.rank);
+                            }
+                            Ok(Some(_)) => {}
+                            _ => running += 1,
+                        }
+                    }
+                    if let Some(rank) = failed {
+                        let mut first = first_failure.lock().unwrap_or_else(|e| e.into_inner());
+                        if first.is_none() {
+                            *first = Some(rank);
+                            for w in ws.iter_mut() {
+                                let _ = w.child.kill();
+                            }
+                            drop(ws);
+                            if let Some(f) = on_failure.take() {
+                                f(rank);
+                            }
+                            continue;
+                        }
+                    }
+                    if running == 0 || finished {
+                        return;
+                    }
+                    drop(ws);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        Watcher {
+            workers: self,
+            done,
+            first_failure,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Worker {
+    /// The worker's report once it has exited with `status`.
+    fn report(&mut self, status: ExitStatus) -> WorkerReport {
+        let text = self
+            .stdout
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let parsed = text
+            .lines()
+            .rev()
+            .find_map(|line| serde_json::from_str::<WorkerReport>(line).ok());
+        match parsed {
+            Some(report) => report,
+            None if status.success() => WorkerReport::default(),
+            None => WorkerReport {
+                interrupted: false,
+                message: Some(format!("rank {} exited with {status}", self.rank)),
+            },
+        }
+    }
+}
+
+/// Follows the workers while rank 0 runs.
+pub struct Watcher {
+    workers: Workers,
+    done: Arc<Mutex<bool>>,
+    first_failure: Arc<Mutex<Option<usize>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Watcher {
+    /// The first worker that failed, if any did.
+    pub fn first_failure(&self) -> Option<usize> {
+        *self.first_failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// After rank 0 ended: waits up to `grace` for the workers to end too,
+    /// kills those that did not, and returns each worker's report by rank.
+    pub fn finish(mut self, grace: Duration) -> Vec<(usize, WorkerReport)> {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut workers = self.workers.lock();
+        let deadline = Instant::now() + grace;
+        let mut reports = Vec::with_capacity(workers.len());
+        for w in workers.iter_mut() {
+            let status = loop {
+                match w.child.try_wait() {
+                    Ok(Some(status)) => break Some(status),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    _ => {
+                        let _ = w.child.kill();
+                        break w.child.wait().ok();
+                    }
+                }
+            };
+            let report = match status {
+                Some(status) => w.report(status),
+                None => WorkerReport {
+                    interrupted: false,
+                    message: Some(format!("rank {} could not be waited for", w.rank)),
+                },
+            };
+            reports.push((w.rank, report));
+        }
+        reports
+    }
+}
+
+impl Drop for Workers {
+    /// No worker outlives the launcher (an error on the way, a panic).
+    fn drop(&mut self) {
+        for w in self.lock().iter_mut() {
+            if matches!(w.child.try_wait(), Ok(None)) {
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            }
+        }
+    }
+}
