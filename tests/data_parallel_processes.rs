@@ -150,3 +150,70 @@ fn a_failing_worker_ends_the_run_with_its_error() {
         "{msg}"
     );
 }
+
+/// Processes whose environment carries `LCASR_TEST_TAG=tag` and whose
+/// command line is a rank worker's.
+fn tagged_workers(tag: &str) -> Vec<u32> {
+    let needle = format!("LCASR_TEST_TAG={tag}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let read =
+                |what: &str| std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+            let has =
+                |bytes: Vec<u8>, s: &str| bytes.split(|&b| b == 0).any(|part| part == s.as_bytes());
+            has(read("environ"), &needle) && has(read("cmdline"), "rank-worker")
+        })
+        .collect()
+}
+
+/// A launcher killed outright (SIGKILL: no chance to clean up) takes its
+/// workers with it. Over TCP the workers would also stop at their next
+/// exchange (the socket closes); the parent-death signal the launcher sets
+/// (`die_with_launcher`) is what ends NCCL workers, which have no socket to
+/// notice, and it makes this faster here.
+#[test]
+fn killing_the_launcher_leaves_no_worker_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = common::tiny_experiment(dir.path(), 50);
+    let run = dir.path().join("run");
+    let tag = format!("{}-{}", std::process::id(), dir.path().display());
+    let mut args = vec!["train", config.to_str().unwrap()];
+    args.extend_from_slice(&OVERRIDES);
+    args.extend_from_slice(&[
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--ranks",
+        "2",
+        "--processes",
+    ]);
+    let mut child = lcasr(&args)
+        .env("LCASR_TEST_TAG", &tag)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for_records(
+        &mut child,
+        &run.join("metrics.jsonl"),
+        1,
+        Duration::from_secs(300),
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run is still going"
+    );
+    assert_eq!(tagged_workers(&tag).len(), 1, "one worker runs");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let start = std::time::Instant::now();
+    while !tagged_workers(&tag).is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "workers outlived their launcher: {:?}",
+            tagged_workers(&tag)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -11,6 +11,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device, Tensor};
 
 /// Collective operations over the ranks of a data-parallel group.
 pub trait Collective: Send + Sync {
@@ -27,6 +28,19 @@ pub trait Collective: Send + Sync {
     fn broadcast(&self, data: &mut [f32], root: usize) -> Result<()>;
     /// Returns once every rank has called it.
     fn barrier(&self) -> Result<()>;
+    /// The element-wise sum over the ranks of every rank's f32 tensor `t`
+    /// (same shape everywhere), on `t`'s device; every rank receives the same
+    /// values. By default through the host with [`Collective::all_reduce_sum`];
+    /// NCCL sums the device buffer in place.
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        let mut values = t
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut values)?;
+        Ok(Tensor::from_vec(values, t.shape(), t.device())?)
+    }
     /// Called when this rank failed: makes the other ranks' exchanges fail
     /// with [`RankLeft`] instead of waiting for it. The in-process group
     /// needs nothing (a communicator dropped mid-run does that); NCCL's

@@ -61,32 +61,32 @@ pub fn all_reduce_gradients(
         .filter_map(|(p, &n)| (n > 0.0).then_some(p))
         .collect();
     let mut bucket = Bucket {
-        values: Vec::with_capacity(bucket_elems),
+        parts: Vec::new(),
+        len: 0,
         pieces: Vec::new(),
         summed: vec![Vec::new(); present.len()],
     };
     for (slot, p) in present.iter().enumerate() {
         let size = p.var.elem_count();
         let mine = match local(grads, p) {
-            Some(g) => values(&g)?,
-            None => vec![0.0; size],
+            Some(g) => g.to_dtype(DType::F32)?.flatten_all()?,
+            None => Tensor::zeros(size, DType::F32, p.var.device())?,
         };
-        if mine.len() != size {
+        if mine.elem_count() != size {
             bail!(
                 "the gradient of `{}` has {} values, the parameter {size}",
                 p.name,
-                mine.len()
+                mine.elem_count()
             );
         }
         let mut offset = 0;
         while offset < size {
-            let take = (bucket_elems - bucket.values.len()).min(size - offset);
-            bucket
-                .values
-                .extend_from_slice(&mine[offset..offset + take]);
+            let take = (bucket_elems - bucket.len).min(size - offset);
+            bucket.parts.push(mine.narrow(0, offset, take)?);
+            bucket.len += take;
             bucket.pieces.push((slot, take));
             offset += take;
-            if bucket.values.len() == bucket_elems {
+            if bucket.len == bucket_elems {
                 bucket.flush(&present, grads, comm)?;
             }
         }
@@ -96,40 +96,48 @@ pub fn all_reduce_gradients(
 
 /// The gradient values waiting to be summed, and where they came from.
 struct Bucket {
-    /// Values of the bucket, at most the bucket size.
-    values: Vec<f32>,
+    /// Flat f32 pieces of gradients, in order, on the parameters' device.
+    parts: Vec<Tensor>,
+    /// Values in `parts`, at most the bucket size.
+    len: usize,
     /// (index into the present parameters, values) of each piece, in order.
     pieces: Vec<(usize, usize)>,
-    /// The summed values of each present parameter gathered so far.
-    summed: Vec<Vec<f32>>,
+    /// The summed pieces of each present parameter gathered so far.
+    summed: Vec<Vec<Tensor>>,
 }
 
 impl Bucket {
-    /// Sums the bucket over the ranks and stores each parameter whose summed
-    /// gradient is complete in `grads`.
+    /// Sums the bucket over the ranks (on the gradients' device where the
+    /// group can) and stores each parameter whose summed gradient is
+    /// complete in `grads`.
     fn flush(
         &mut self,
         present: &[&Param],
         grads: &mut GradStore,
         comm: &dyn Collective,
     ) -> Result<()> {
-        if self.values.is_empty() {
+        if self.parts.is_empty() {
             return Ok(());
         }
-        comm.all_reduce_sum(&mut self.values)
+        let values = Tensor::cat(&std::mem::take(&mut self.parts), 0)?;
+        let summed = comm
+            .all_reduce_sum_tensor(&values)
             .context("cannot sum a gradient bucket over the ranks")?;
         let mut at = 0;
         for (slot, len) in self.pieces.drain(..) {
-            self.summed[slot].extend_from_slice(&self.values[at..at + len]);
+            self.summed[slot].push(summed.narrow(0, at, len)?);
             at += len;
             let var = &present[slot].var;
-            if self.summed[slot].len() == var.elem_count() {
-                let flat = std::mem::take(&mut self.summed[slot]);
-                let g = Tensor::from_vec(flat, var.shape(), var.device())?.to_dtype(var.dtype())?;
+            let gathered: usize = self.summed[slot].iter().map(Tensor::elem_count).sum();
+            if gathered == var.elem_count() {
+                let parts = std::mem::take(&mut self.summed[slot]);
+                let g = Tensor::cat(&parts, 0)?
+                    .reshape(var.shape())?
+                    .to_dtype(var.dtype())?;
                 grads.insert(var.as_tensor(), g);
             }
         }
-        self.values.clear();
+        self.len = 0;
         Ok(())
     }
 }

@@ -4,9 +4,11 @@
 //! ([`unique_id`], [`join`]), so the data-parallel code that runs in CI on
 //! CPU threads and processes drives the GPUs unchanged.
 //!
-//! The exchanges take host slices, as every [`Collective`] does: the values
-//! go up to the rank's GPU, NCCL sums or broadcasts them there, and they come
-//! back. NCCL's all-reduce hands every rank the same values.
+//! The gradient buckets are summed on the GPU in place
+//! ([`Collective::all_reduce_sum_tensor`]); the other exchanges take host
+//! slices: the values go up to the rank's GPU, NCCL sums or broadcasts them
+//! there, and they come back. NCCL's all-reduce hands every rank the same
+//! values.
 //!
 //! A rank that fails mid-run would leave the others waiting in NCCL for
 //! ever: rank 0's watcher of the worker processes calls
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtrMut, DeviceRepr};
 use candle_core::cuda_backend::cudarc::nccl::{result, sys};
-use candle_core::Device;
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Tensor};
 
 use super::collective::{Collective, RankLeft};
 
@@ -42,6 +45,8 @@ unsafe impl Send for Handle {}
 pub struct NcclComm {
     rank: usize,
     world: usize,
+    /// The rank's candle device.
+    device: CudaDevice,
     /// The stream of the rank's candle device: exchanges run in order with
     /// its kernels.
     stream: Arc<CudaStream>,
@@ -118,6 +123,7 @@ pub fn join(
     Ok(NcclComm {
         rank,
         world,
+        device: dev.clone(),
         stream,
         comm: Mutex::new(Some(handle)),
         busy: Mutex::new(()),
@@ -162,54 +168,114 @@ impl NcclComm {
         }
     }
 
-    /// `exchange` of `data` with the other ranks, through the GPU.
-    fn exchange<T: Value>(&self, data: &mut [T], exchange: Exchange) -> Result<()> {
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+    /// Makes the rank's GPU current on this thread (NCCL works on the
+    /// current device) and returns the communicator.
+    fn begin(&self) -> Result<sys::ncclComm_t> {
         let comm = self.handle()?;
-        let s = &self.stream;
-        // NCCL works on the calling thread's current device: this rank's.
-        s.context()
+        self.stream
+            .context()
             .bind_to_thread()
             .context("cannot make the rank's GPU current")?;
-        let mut buf = s.clone_htod(data).context("cannot copy to the GPU")?;
-        {
-            let (ptr, _written) = buf.device_ptr_mut(s);
-            let stream = s.cu_stream() as _;
-            // SAFETY: `ptr` holds `data.len()` values of type T on this
-            // rank's GPU, and `comm` is alive (an abort takes it out of
-            // `self.comm` first).
-            let done = unsafe {
-                match exchange {
-                    Exchange::Sum => result::all_reduce(
-                        ptr as _,
-                        ptr as _,
-                        data.len(),
-                        T::NCCL,
-                        sys::ncclRedOp_t::ncclSum,
-                        comm,
-                        stream,
-                    ),
-                    Exchange::Broadcast { root } => result::broadcast(
-                        ptr as _,
-                        ptr as _,
-                        data.len(),
-                        T::NCCL,
-                        root as i32,
-                        comm,
-                        stream,
-                    ),
+        Ok(comm)
+    }
+
+    /// Enqueues `exchange` of the `len` values of type T at `ptr` on this
+    /// rank's GPU, in place, on the rank's stream.
+    fn enqueue<T: Value>(
+        &self,
+        comm: sys::ncclComm_t,
+        ptr: u64,
+        len: usize,
+        exchange: Exchange,
+    ) -> Result<()> {
+        let stream = self.stream.cu_stream() as _;
+        // SAFETY: the caller hands `len` values of type T at `ptr` on this
+        // rank's GPU, and `comm` is alive (an abort takes it out of
+        // `self.comm` first).
+        let done = unsafe {
+            match exchange {
+                Exchange::Sum => result::all_reduce(
+                    ptr as _,
+                    ptr as _,
+                    len,
+                    T::NCCL,
+                    sys::ncclRedOp_t::ncclSum,
+                    comm,
+                    stream,
+                ),
+                Exchange::Broadcast { root } => {
+                    result::broadcast(ptr as _, ptr as _, len, T::NCCL, root as i32, comm, stream)
                 }
-            };
-            done.map_err(|e| nccl_error(e, "NCCL exchange failed"))?;
-        }
-        s.memcpy_dtoh(&buf, data)
-            .context("cannot copy from the GPU")?;
-        s.synchronize()
+            }
+        };
+        done.map_err(|e| nccl_error(e, "NCCL exchange failed"))?;
+        Ok(())
+    }
+
+    /// Waits for the rank's stream, then fails if the group was aborted
+    /// meanwhile (another rank failed: the values are garbage).
+    fn finish(&self) -> Result<()> {
+        self.stream
+            .synchronize()
             .context("the NCCL exchange did not complete")?;
-        // An abort meanwhile (another rank failed) makes the values garbage.
         self.handle()?;
         Ok(())
     }
+
+    /// `exchange` of `data` with the other ranks, through the GPU.
+    fn exchange<T: Value>(&self, data: &mut [T], exchange: Exchange) -> Result<()> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        let comm = self.begin()?;
+        let s = &self.stream;
+        let mut buf = s.clone_htod(data).context("cannot copy to the GPU")?;
+        {
+            let (ptr, _written) = buf.device_ptr_mut(s);
+            self.enqueue::<T>(comm, ptr, data.len(), exchange)?;
+        }
+        s.memcpy_dtoh(&buf, data)
+            .context("cannot copy from the GPU")?;
+        self.finish()
+    }
+}
+
+/// The in-place NCCL sum of a device tensor's storage (what
+/// [`NcclComm::all_reduce_sum_tensor`] applies to its private copy).
+struct DeviceSum<'a>(&'a NcclComm);
+
+impl InplaceOp1 for DeviceSum<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("the NCCL sum takes tensors on the rank's GPU")
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> candle_core::Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the NCCL sum takes a contiguous tensor")
+        };
+        sum_in_place(self.0, storage, start, end)
+            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+    }
+}
+
+/// Sums values `start..end` of `storage` (f32, on `comm`'s GPU) over the
+/// ranks, in place.
+fn sum_in_place(
+    comm: &NcclComm,
+    storage: &mut CudaStorage,
+    start: usize,
+    end: usize,
+) -> Result<()> {
+    let handle = comm.begin()?;
+    let slice = storage.as_cuda_slice_mut::<f32>()?;
+    let mut view = slice.slice_mut(start..end);
+    {
+        let (ptr, _written) = view.device_ptr_mut(&comm.stream);
+        comm.enqueue::<f32>(handle, ptr, end - start, Exchange::Sum)?;
+    }
+    comm.finish()
 }
 
 impl Collective for NcclComm {
@@ -238,6 +304,22 @@ impl Collective for NcclComm {
 
     fn barrier(&self) -> Result<()> {
         self.exchange(&mut [0f32], Exchange::Sum)
+    }
+
+    fn all_reduce_sum_tensor(&self, t: &Tensor) -> Result<Tensor> {
+        if !t.device().same_device(&Device::Cuda(self.device.clone())) {
+            bail!(
+                "rank {}: the NCCL sum takes tensors on the rank's GPU, got {:?}",
+                self.rank,
+                t.device()
+            );
+        }
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        // A private contiguous copy, summed in place: the gradients never
+        // leave the GPU.
+        let sum = t.to_dtype(DType::F32)?.contiguous()?.copy()?;
+        sum.inplace_op1(&DeviceSum(self))?;
+        Ok(sum)
     }
 
     fn abort_group(&self) {

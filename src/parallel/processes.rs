@@ -54,12 +54,15 @@ impl Workers {
             workers: Arc::new(Mutex::new(Vec::new())),
         };
         for (rank, spec) in specs {
-            let mut child = Command::new(exe)
+            let mut command = Command::new(exe);
+            command
                 .arg(WORKER_COMMAND)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
-                .process_group(0)
+                .process_group(0);
+            die_with_launcher(&mut command);
+            let mut child = command
                 .spawn()
                 .with_context(|| format!("cannot start rank {rank} ({})", exe.display()))?;
             let mut stdin = child.stdin.take().expect("piped stdin");
@@ -161,6 +164,26 @@ impl Workers {
         }
     }
 }
+
+/// Makes the worker die with the thread that starts it (the launcher's,
+/// which waits for the workers), so that a launcher killed outright leaves
+/// no worker behind, waiting in NCCL for ever.
+#[cfg(target_os = "linux")]
+fn die_with_launcher(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Elsewhere a killed launcher's workers notice through the group.
+#[cfg(not(target_os = "linux"))]
+fn die_with_launcher(_: &mut Command) {}
 
 impl Worker {
     /// The worker's report once it has exited with `status`.
