@@ -25,6 +25,16 @@ const OVERRIDES: [&str; 4] = [
     "training.batch_size=3",
 ];
 
+/// `lcasr train` arguments of the tiny experiment into `run` with `ranks`
+/// ranks as processes.
+fn process_args<'a>(config: &'a Path, run: &'a Path, ranks: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["train", config.to_str().unwrap()];
+    args.extend_from_slice(&OVERRIDES);
+    args.extend_from_slice(&["--run-dir", run.to_str().unwrap(), "--ranks", ranks]);
+    args.push("--processes");
+    args
+}
+
 fn train(config: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["train", config.to_str().unwrap()];
     args.extend_from_slice(&OVERRIDES);
@@ -97,15 +107,7 @@ fn processes_train_the_bits_threads_train_and_resume_after_ctrl_c() {
     // Ctrl-C (to the launcher only) stops every rank at the same step; the
     // run resumes as processes and ends where the thread run ended.
     let run = dir.path().join("run");
-    let mut args = vec!["train", config.to_str().unwrap()];
-    args.extend_from_slice(&OVERRIDES);
-    args.extend_from_slice(&[
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--ranks",
-        "3",
-        "--processes",
-    ]);
+    let args = process_args(&config, &run, "3");
     let out = common::interrupt_after_records(
         &args,
         &run.join("metrics.jsonl"),
@@ -179,15 +181,7 @@ fn killing_the_launcher_leaves_no_worker_behind() {
     let config = common::tiny_experiment(dir.path(), 50);
     let run = dir.path().join("run");
     let tag = format!("{}-{}", std::process::id(), dir.path().display());
-    let mut args = vec!["train", config.to_str().unwrap()];
-    args.extend_from_slice(&OVERRIDES);
-    args.extend_from_slice(&[
-        "--run-dir",
-        run.to_str().unwrap(),
-        "--ranks",
-        "2",
-        "--processes",
-    ]);
+    let args = process_args(&config, &run, "2");
     let mut child = lcasr(&args)
         .env("LCASR_TEST_TAG", &tag)
         .stdout(std::process::Stdio::null())
