@@ -47,11 +47,10 @@ pub const WORKER_COMMAND: &str = "rank-worker";
 
 impl Workers {
     /// Starts `exe rank-worker` once per `(rank, spec)`, writing the spec to
-    /// its standard input.
+    /// its standard input. On an error the workers started so far are killed.
     pub fn spawn(exe: &Path, specs: Vec<(usize, Vec<u8>)>) -> Result<Self> {
-        let mut workers = Vec::with_capacity(specs.len());
         let started = Self {
-            workers: Arc::new(Mutex::new(Vec::new())),
+            workers: Arc::new(Mutex::new(Vec::with_capacity(specs.len()))),
         };
         for (rank, spec) in specs {
             let mut command = Command::new(exe);
@@ -74,17 +73,13 @@ impl Workers {
                 let _ = out.read_to_string(&mut text);
                 text
             });
-            workers.push(Worker {
+            started.lock().push(Worker {
                 rank,
                 child,
                 stdout: Some(stdout),
             });
-            if let Err(e) = written {
-                *started.lock() = workers;
-                return Err(e).with_context(|| format!("cannot hand rank {rank} its part"));
-            }
+            written.with_context(|| format!("cannot hand rank {rank} its part"))?;
         }
-        *started.lock() = workers;
         Ok(started)
     }
 
