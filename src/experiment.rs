@@ -70,7 +70,8 @@ pub struct Experiment {
     pub gpus: bool,
     /// Each rank runs in its own process (rank 0 in this one) instead of a
     /// thread, exchanging over loopback TCP (`--processes`; always with
-    /// `gpus`). The run's results are the same bits either way.
+    /// `gpus`). Each process gets its share of the cores; with the same
+    /// threads per rank the results are the same bits either way.
     pub processes: bool,
 }
 

@@ -47,8 +47,10 @@ pub const WORKER_COMMAND: &str = "rank-worker";
 
 impl Workers {
     /// Starts `exe rank-worker` once per `(rank, spec)`, writing the spec to
-    /// its standard input. On an error the workers started so far are killed.
-    pub fn spawn(exe: &Path, specs: Vec<(usize, Vec<u8>)>) -> Result<Self> {
+    /// its standard input, with a rayon pool of `threads` threads each when
+    /// given (`RAYON_NUM_THREADS`). On an error the workers started so far
+    /// are killed.
+    pub fn spawn(exe: &Path, specs: Vec<(usize, Vec<u8>)>, threads: Option<usize>) -> Result<Self> {
         let started = Self {
             workers: Arc::new(Mutex::new(Vec::with_capacity(specs.len()))),
         };
@@ -60,6 +62,9 @@ impl Workers {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .process_group(0);
+            if let Some(n) = threads {
+                command.env("RAYON_NUM_THREADS", n.to_string());
+            }
             die_with_launcher(&mut command);
             let mut child = command
                 .spawn()
