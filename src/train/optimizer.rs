@@ -376,18 +376,20 @@ impl ParamState {
 
     /// The buffers as tensors on `device`, moved there first if they are elsewhere.
     fn on_device(&mut self, device: &Device) -> Result<&mut [Tensor]> {
-        let moved: Vec<Tensor> = match &self.buffers {
-            Buffers::Device(ts) if ts.iter().all(|t| t.device().same_device(device)) => Vec::new(),
-            Buffers::Device(ts) => ts
-                .iter()
-                .map(|t| t.to_device(device))
-                .collect::<candle_core::Result<_>>()?,
-            Buffers::Host(vs) => vs
-                .iter()
-                .map(|v| Tensor::from_slice(v, self.shape.clone(), device))
-                .collect::<candle_core::Result<_>>()?,
+        let moved: Option<Vec<Tensor>> = match &self.buffers {
+            Buffers::Device(ts) if ts.iter().all(|t| t.device().same_device(device)) => None,
+            Buffers::Device(ts) => Some(
+                ts.iter()
+                    .map(|t| t.to_device(device))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
+            Buffers::Host(vs) => Some(
+                vs.iter()
+                    .map(|v| Tensor::from_slice(v, self.shape.clone(), device))
+                    .collect::<candle_core::Result<_>>()?,
+            ),
         };
-        if !moved.is_empty() {
+        if let Some(moved) = moved {
             self.buffers = Buffers::Device(moved);
         }
         match &mut self.buffers {
