@@ -217,3 +217,29 @@ fn killing_the_launcher_leaves_no_worker_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The hidden worker command reports a part it cannot read as a failure
+/// (a JSON line on stdout, exit status 1), which the launcher shows.
+#[test]
+fn a_worker_given_a_malformed_part_reports_it() {
+    use std::io::Write;
+    let mut child = lcasr(&["rank-worker"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"rank\": 1}")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let message = report["message"].as_str().unwrap_or_default();
+    assert!(message.contains("malformed rank part"), "{report}");
+    assert_eq!(report["interrupted"], false);
+}

@@ -188,11 +188,22 @@ fn die_with_launcher(_: &mut Command) {}
 impl Worker {
     /// The worker's report once it has exited with `status`.
     fn report(&mut self, status: ExitStatus) -> WorkerReport {
-        let text = self
-            .stdout
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        // The output ends when the process has; a process it started could
+        // still hold the pipe, so the wait is bounded.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let text = match self.stdout.take() {
+            Some(h) => {
+                while !h.is_finished() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                if h.is_finished() {
+                    h.join().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            }
+            None => String::new(),
+        };
         let parsed = text
             .lines()
             .rev()
@@ -267,5 +278,93 @@ impl Drop for Workers {
                 let _ = w.child.wait();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A stand-in worker program: reads its part; `fail` prints a failure
+    /// report and exits 1, `ok` reports success, anything else waits.
+    fn fake_worker(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("worker.sh");
+        let mut f = std::fs::File::create(&path).unwrap();
+        writeln!(
+            f,
+            "#!/bin/sh\nread part\ncase \"$part\" in\n\
+             fail) echo '{{\"interrupted\":false,\"message\":\"boom\"}}'; exit 1;;\n\
+             ok) echo '{{\"interrupted\":false,\"message\":null}}'; exit 0;;\n\
+             *) exec sleep 60;;\nesac"
+        )
+        .unwrap();
+        drop(f);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn part(text: &str) -> Vec<u8> {
+        format!("{text}\n").into_bytes()
+    }
+
+    #[test]
+    fn a_failing_worker_is_reported_and_the_others_are_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = fake_worker(dir.path());
+        let workers =
+            Workers::spawn(&exe, vec![(1, part("wait")), (2, part("fail"))], Some(1)).unwrap();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::clone(&failed);
+        let watcher = workers.watch(move |rank| seen.store(rank, Ordering::SeqCst));
+        let start = Instant::now();
+        while failed.load(Ordering::SeqCst) == 0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no failure seen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(failed.load(Ordering::SeqCst), 2);
+        assert_eq!(watcher.first_failure(), Some(2));
+        let reports = watcher.finish(Duration::from_secs(5));
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the waiting worker was killed"
+        );
+        assert_eq!(reports[1].1.message.as_deref(), Some("boom"));
+        let killed = reports[0].1.message.as_deref().unwrap_or_default();
+        assert!(killed.contains("rank 1 exited"), "{killed}");
+    }
+
+    #[test]
+    fn workers_that_end_early_or_finish_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = fake_worker(dir.path());
+        let workers = Workers::spawn(&exe, vec![(1, part("fail"))], None).unwrap();
+        let start = Instant::now();
+        let err = loop {
+            if let Err(e) = workers.check_running() {
+                break e.to_string();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the worker did not end"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            err.contains("rank 1 ended before joining") && err.contains("boom"),
+            "{err}"
+        );
+
+        let workers = Workers::spawn(&exe, vec![(1, part("ok")), (2, part("ok"))], None).unwrap();
+        let watcher = workers.watch(|rank| panic!("rank {rank} did not fail"));
+        let reports = watcher.finish(Duration::from_secs(10));
+        assert_eq!(reports.len(), 2);
+        assert!(
+            reports.iter().all(|(_, r)| *r == WorkerReport::default()),
+            "{reports:?}"
+        );
     }
 }
