@@ -22,7 +22,7 @@ use candle_core::Device;
 use crate::config::{self, Config, LoadOptions, Seed};
 use crate::hash::sha256_hex;
 use crate::parallel::driver::refuse_unsynchronised_norm;
-use crate::parallel::threads::run_on_threads_with;
+use crate::parallel::threads::{in_own_pool, run_on_threads_with, share_cores};
 use crate::parallel::{Collective, InProcessGroup};
 use crate::rank_processes::run_rank_processes;
 use crate::run::metrics::{read_metrics, MetricsWriter};
@@ -70,8 +70,8 @@ pub struct Experiment {
     pub gpus: bool,
     /// Each rank runs in its own process (rank 0 in this one) instead of a
     /// thread, exchanging over loopback TCP (`--processes`; always with
-    /// `gpus`). Each process gets its share of the cores; with the same
-    /// threads per rank the results are the same bits either way.
+    /// `gpus`). Ranks compute with their share of the cores either way, and
+    /// the results are the same bits.
     pub processes: bool,
 }
 
@@ -378,16 +378,20 @@ fn run_ranks(
     comms: Vec<Arc<dyn Collective>>,
 ) -> Result<Result<(), ScriptFailure>> {
     let world = setups.len();
-    // Each rank's thread takes its own setup.
+    // Each rank's thread takes its own setup, and computes in a pool of its
+    // own with its share of the cores.
     let setups: Vec<Mutex<Option<SessionSetup>>> =
         setups.into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let threads = share_cores(world);
     let ran = run_on_threads_with(comms, |comm| {
         let setup = setups[comm.rank()]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("each rank's setup is taken once");
-        compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
+        in_own_pool(threads, || {
+            compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
+        })
     })?;
     let mut failures = Vec::new();
     for (rank, outcome) in ran.results.into_iter().enumerate() {

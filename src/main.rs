@@ -105,10 +105,9 @@ struct RunDirArgs {
     #[arg(long, value_name = "N", value_parser = parse_ranks)]
     gpus: Option<usize>,
     /// Run each rank of `--ranks N` in a process of its own (rank 0 in this
-    /// one, exchanging over loopback TCP) instead of a thread. Each process
-    /// computes with its share of the cores (RAYON_NUM_THREADS overrides);
-    /// at equal threads per rank the results are the same bits as with
-    /// threads. Always so with --gpus.
+    /// one, exchanging over loopback TCP) instead of a thread; the results are
+    /// the same bits. Ranks compute with their share of the cores either way
+    /// (RAYON_NUM_THREADS overrides). Always so with --gpus.
     #[arg(long)]
     processes: bool,
     /// Where to train: cpu, cuda or cuda:N (sets `training.device`; a GPU

@@ -5,10 +5,9 @@
 //! rank 0 resolved: config, seed, script, device, where to resume from) and
 //! writes nothing. The ranks exchange over loopback TCP
 //! (`crate::parallel::tcp`, the same sums in the same order as threads, so a
-//! run gives the same bits either way at the same threads per rank) or, with
-//! `--gpus`, over NCCL. Each process computes with its share of the cores
-//! (`RAYON_NUM_THREADS`, unless set): on 2 cores the demo trains on 2 ranks
-//! in 32 s as processes, 41-45 s as threads sharing one pool.
+//! run gives the same bits either way) or, with `--gpus`, over NCCL. Each
+//! rank computes with its share of the cores, as thread ranks do
+//! (`crate::parallel::threads::share_cores`).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -23,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::parallel::processes::{WorkerReport, Workers};
 use crate::parallel::tcp::{Rendezvous, TcpMember};
-use crate::parallel::threads::run_on_threads_with;
+use crate::parallel::threads::{run_on_threads_with, share_cores};
 use crate::parallel::{Collective, RankLeft};
 use crate::run::checkpoints::CheckpointStore;
 use crate::runtime::device::open_device;
@@ -113,17 +112,13 @@ pub fn run_rank_processes(
         specs.push((rank, serde_json::to_vec(&spec)?));
     }
     let exe = std::env::current_exe().context("cannot find the lcasr executable")?;
-    let threads = threads_per_rank(world);
+    let threads = share_cores(world);
     if let Some(n) = threads {
         // Rank 0's share, for the pool its thread uses; a pool that some
         // earlier work already started keeps its size.
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global();
-        // candle sizes its CPU kernels' parallelism from this variable (read
-        // at each call); no other thread of this process reads the
-        // environment here.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let workers = Workers::spawn(&exe, specs, threads)?;
     let comm: Arc<dyn Collective> = match rendezvous {
@@ -183,18 +178,6 @@ pub fn run_rank_processes(
     }
     let first = watched.or_else(|| first_to_fail(&failures));
     Ok(crate::experiment::first_failure(world, failures, first))
-}
-
-/// Each rank's share of the cores for its compute threads, unless
-/// `RAYON_NUM_THREADS` says otherwise: processes each starting a pool as
-/// large as the machine would oversubscribe it (measured on 2 cores: the
-/// demo with 2 ranks took 53-56 s so, 33 s with one thread each).
-fn threads_per_rank(world: usize) -> Option<usize> {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return None;
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Some((cores / world).max(1))
 }
 
 /// The rank whose failure is the cause, when the watcher did not see it

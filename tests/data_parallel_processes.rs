@@ -1,8 +1,8 @@
 //! Data-parallel ranks as processes (`lcasr train --ranks N --processes`):
 //! rank 0 in the launching process, the others as `lcasr rank-worker`
-//! processes exchanging over loopback TCP. With the same threads per rank they
-//! train the same bits as threads do (the sums are the same, in the same
-//! order), Ctrl-C stops every
+//! processes exchanging over loopback TCP. They train the same bits as
+//! threads do (the sums are the same, in the same order, and each rank
+//! computes with its share of the cores either way), Ctrl-C stops every
 //! process at the same step and the run resumes exactly, and a failing rank
 //! ends the run with its own error instead of leaving the others waiting.
 
@@ -83,11 +83,6 @@ fn assert_same_bits(got: &Path, want: &Path, what: &str) {
 
 #[test]
 fn processes_train_the_bits_threads_train_and_resume_after_ctrl_c() {
-    // CPU kernels round by how they split work over threads: the same
-    // threads per rank on both sides (processes otherwise get a share of the
-    // cores each, threads share one pool). Set for every run of this test;
-    // the others here do not depend on it.
-    std::env::set_var("RAYON_NUM_THREADS", "1");
     let dir = tempfile::tempdir().unwrap();
     let config = common::tiny_experiment(dir.path(), 2);
     let threads = dir.path().join("threads");

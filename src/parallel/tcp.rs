@@ -2,8 +2,7 @@
 //! data-parallel run started as one process each (`lcasr train --processes`,
 //! `super::processes`) exchange through rank 0, which receives every rank's
 //! values, combines them in rank order exactly as the in-process group does
-//! (so a run gives the same bits as with threads, at the same threads per
-//! rank) and sends the result back. Rank 0 is also where the ranks meet: it
+//! (so a run gives the same bits as with threads) and sends the result back. Rank 0 is also where the ranks meet: it
 //! listens, the others connect and say who they are.
 //!
 //! The standard library's sockets are all this needs; the volumes are one
