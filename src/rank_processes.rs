@@ -31,7 +31,8 @@ use crate::script::{compile, CompileOptions, ScriptFailure, SessionSetup};
 
 /// How long rank 0 waits for the workers to join the group.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the workers may take to end after rank 0 ended normally.
+/// How long the workers may take to end after rank 0 ended normally (or at
+/// Ctrl-C, which every rank agreed on).
 const END_GRACE: Duration = Duration::from_secs(60);
 /// How long failing workers get to report after rank 0 failed.
 const FAILED_GRACE: Duration = Duration::from_secs(5);
@@ -139,13 +140,15 @@ pub fn run_rank_processes(
         compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
     })?;
     let rank0 = ran.results.into_iter().next().context("rank 0 ran")?;
-    let rank0_failed = !matches!(rank0, Ok(Ok(())));
+    // Finished or stopped at Ctrl-C, the workers end on their own (they
+    // voted to stop with rank 0); after a failure they only report.
+    let grace = match &rank0 {
+        Ok(Ok(())) => END_GRACE,
+        Ok(Err(f)) if f.interrupted => END_GRACE,
+        _ => FAILED_GRACE,
+    };
     let watched = watcher.first_failure();
-    let reports = watcher.finish(if rank0_failed {
-        FAILED_GRACE
-    } else {
-        END_GRACE
-    });
+    let reports = watcher.finish(grace);
     let mut failures = Vec::new();
     match rank0 {
         Ok(Ok(())) => {}
