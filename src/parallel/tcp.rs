@@ -10,7 +10,7 @@
 //! closes its socket, so the others' exchanges fail with [`RankLeft`]
 //! instead of waiting; rank 0 tells the rest which rank left first.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,7 +24,8 @@ use super::collective::{
 /// The first bytes a rank sends when it connects.
 const HELLO: &[u8; 8] = b"lcasr-dp";
 
-/// Reply tags from rank 0.
+/// Reply tags from rank 0. Messages are read unbuffered, each part with
+/// one `read_exact` (a payload in one piece).
 const REPLY_OK: u8 = 0;
 const REPLY_ERR: u8 = 1;
 const REPLY_LEFT: u8 = 2;
@@ -154,22 +155,39 @@ impl TcpRoot {
 
     /// Records that `rank` left (if none did before), tells the other ranks
     /// which rank left first and closes every stream. Returns that rank.
+    ///
+    /// The streams stay open for reading until rank 0's side is dropped: a
+    /// rank still sending its next call must not meet a reset, which could
+    /// cost it the message naming the rank that left.
     fn leave(&self, rank: usize, peers: &mut [Option<TcpStream>]) -> usize {
-        let first = *self
-            .left
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert(rank);
-        for stream in peers.iter_mut().filter_map(Option::take) {
-            let mut w = BufWriter::new(&stream);
-            // The rank may be gone too: nothing to do about a failed write.
-            let _ = w.write_all(&[REPLY_LEFT]);
-            let _ = write_u64(&mut w, first as u64);
-            let _ = w.flush();
-            drop(w);
-            let _ = stream.shutdown(Shutdown::Both);
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        let told = left.is_some();
+        let first = *left.get_or_insert(rank);
+        if !told {
+            for stream in peers.iter().flatten() {
+                let mut w = BufWriter::new(stream);
+                // The rank may be gone too: nothing to do about a failed write.
+                let _ = w.write_all(&[REPLY_LEFT]);
+                let _ = write_u64(&mut w, first as u64);
+                let _ = w.flush();
+                drop(w);
+                let _ = stream.shutdown(Shutdown::Write);
+            }
         }
         first
+    }
+}
+
+impl Drop for TcpRoot {
+    /// Reads what the other ranks sent and nobody will read before closing,
+    /// so that the close is an orderly one rather than a reset.
+    fn drop(&mut self) {
+        for stream in self.peers().iter().flatten() {
+            if stream.set_nonblocking(true).is_ok() {
+                let mut buf = [0u8; 4096];
+                while matches!((&*stream).read(&mut buf), Ok(n) if n > 0) {}
+            }
+        }
     }
 }
 
@@ -185,7 +203,7 @@ impl PayloadExchange for TcpRoot {
             let call = peers[rank - 1]
                 .as_ref()
                 .ok_or_else(|| anyhow!("rank {rank}'s connection is closed"))
-                .and_then(|s| read_call(&mut BufReader::new(s)));
+                .and_then(|mut s| read_call(&mut s));
             match call {
                 Ok(call) => calls.push(call),
                 Err(_) => {
@@ -207,10 +225,13 @@ impl PayloadExchange for TcpMember {
     fn exchange(&self, kind: Kind, payload: Payload) -> Result<Payload> {
         let stream = self.stream();
         let mut w = BufWriter::new(&*stream);
-        let sent = write_call(&mut w, kind, &payload).and_then(|()| Ok(w.flush()?));
+        // Rank 0 may already have said that a rank left (then this call's
+        // values go nowhere): the reply tells, whatever the send did.
+        let _ = write_call(&mut w, kind, &payload).and_then(|()| Ok(w.flush()?));
         drop(w);
-        let reply = sent.and_then(|()| read_reply(&mut BufReader::new(&*stream)));
-        match reply {
+        // Unbuffered: a buffer could swallow the bytes of a message that
+        // follows this reply (rank 0's word that a rank left).
+        match read_reply(&mut &*stream) {
             Ok(Reply::Done(p)) => Ok(p),
             Ok(Reply::Failed(e)) => Err(anyhow!("{e}")),
             Ok(Reply::Left(rank)) => Err(RankLeft { rank }.into()),
