@@ -130,16 +130,7 @@ pub fn run_rank_processes(
         let comm = Arc::clone(&comm);
         move |_| comm.abort_group()
     });
-    let setup0 = Mutex::new(Some(setup0));
-    let ran = run_on_threads_with(vec![comm], |comm| {
-        let setup = setup0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .expect("rank 0's setup is taken once");
-        compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
-    })?;
-    let rank0 = ran.results.into_iter().next().context("rank 0 ran")?;
+    let rank0 = run_rank(script, opts, setup0, comm)?;
     // Finished or stopped at Ctrl-C, the workers end on their own (they
     // voted to stop with rank 0); after a failure they only report.
     let grace = match &rank0 {
@@ -276,7 +267,7 @@ fn worker(mut input: impl Read) -> Result<Result<(), ScriptFailure>> {
         // Workers see no Ctrl-C of their own: rank 0 decides for the group.
         interrupts: Arc::new(AtomicUsize::new(0)),
     };
-    let setup = Mutex::new(Some(SessionSetup {
+    let setup = SessionSetup {
         config: Some(spec.config.clone()),
         seed: spec.seed,
         base_dir: spec.base_dir.clone(),
@@ -294,20 +285,33 @@ fn worker(mut input: impl Read) -> Result<Result<(), ScriptFailure>> {
         }),
         args: spec.args.clone(),
         device,
-    }));
+    };
+    run_rank(&spec.script, &opts, setup, comm)?
+        .map_err(|what| anyhow!("rank {} panicked: {what}", spec.rank))
+}
+
+/// Compiles and runs the script as this process's rank of `comm`'s group,
+/// on a thread of the rank runner (its stack size; a failure aborts the
+/// group). `Err(message)` when the rank panicked.
+fn run_rank(
+    script: &std::path::Path,
+    opts: &CompileOptions,
+    setup: SessionSetup,
+    comm: Arc<dyn Collective>,
+) -> Result<std::result::Result<Result<(), ScriptFailure>, String>> {
+    let setup = Mutex::new(Some(setup));
     let ran = run_on_threads_with(vec![comm], |comm| {
         let setup = setup
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("the rank's setup is taken once");
-        compile(&spec.script, &opts).and_then(|c| c.run_in_group(setup, Some(comm)))
+        compile(script, opts).and_then(|c| c.run_in_group(setup, Some(comm)))
     })?;
-    match ran.results.into_iter().next() {
-        Some(Ok(result)) => Ok(result),
-        Some(Err(what)) => Err(anyhow!("rank {} panicked: {what}", spec.rank)),
-        None => bail!("rank {} did not run", spec.rank),
-    }
+    ran.results
+        .into_iter()
+        .next()
+        .context("the rank did not run")
 }
 
 /// A fresh NCCL group id, hex-encoded for the workers.

@@ -34,24 +34,39 @@ pub fn backward_from(y: &Tensor, grad: &Tensor, wrt: &[&Tensor]) -> Result<Vec<O
             y.dtype()
         );
     }
-    let mut store = y.apply_op1(Seed(grad.detach()))?.backward()?;
+    let seed = grad.detach();
+    let mut store =
+        gradient_tap(y, "lcasr-backward-seed", move || Some(seed.clone()))?.backward()?;
     Ok(wrt
         .iter()
         .map(|t| store.remove(t).map(|g| g.detach()))
         .collect())
 }
 
-/// A zero scalar depending on its input, whose backward hands on the held
-/// gradient as the input's gradient.
-struct Seed(Tensor);
+/// A zero f32 scalar that depends on `x` and, in backward, gives `x` the
+/// gradient `grad()` returns (`None`: none). What [`backward_from`] seeds
+/// through, and how the model's checkpointed blocks hand each parameter the
+/// gradient their recomputation found.
+pub fn gradient_tap<F>(x: &Tensor, name: &'static str, grad: F) -> Result<Tensor>
+where
+    F: Fn() -> Option<Tensor> + Send + Sync + 'static,
+{
+    x.apply_op1(Tap { name, grad })
+}
 
-impl CustomOp1 for Seed {
+/// The node of [`gradient_tap`].
+struct Tap<F> {
+    name: &'static str,
+    grad: F,
+}
+
+impl<F: Fn() -> Option<Tensor> + Send + Sync> CustomOp1 for Tap<F> {
     fn name(&self) -> &'static str {
-        "lcasr-backward-seed"
+        self.name
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok(zero_scalar_cpu())
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
     }
 
     #[cfg(feature = "cuda")]
@@ -60,28 +75,16 @@ impl CustomOp1 for Seed {
         s: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        zero_scalar_cuda(s)
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let zero = s
+            .device()
+            .zeros_impl(&Shape::from(()), candle_core::DType::F32)?;
+        Ok((zero, Shape::from(())))
     }
 
     fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.0.clone()))
+        Ok((self.grad)())
     }
-}
-
-/// The output of a node whose value is a zero f32 scalar (one that only
-/// carries gradients), on the CPU.
-pub fn zero_scalar_cpu() -> (CpuStorage, Shape) {
-    (CpuStorage::F32(vec![0.0]), Shape::from(()))
-}
-
-/// [`zero_scalar_cpu`] on the CUDA device of `s`.
-#[cfg(feature = "cuda")]
-pub fn zero_scalar_cuda(s: &candle_core::CudaStorage) -> Result<(candle_core::CudaStorage, Shape)> {
-    use candle_core::backend::{BackendDevice, BackendStorage};
-    let zero = s
-        .device()
-        .zeros_impl(&Shape::from(()), candle_core::DType::F32)?;
-    Ok((zero, Shape::from(())))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use candle_core::{bail, CudaStorage, CustomOp3, DType, Layout, Result, Shape, St
 use crate::conv2d::out_len;
 use crate::cuda::{
     block_grid, cuda_only_cpu_fwd, f32_view, grid, kernel, launch, output, output_of, row_parts,
-    storage, view, with_act, Act, CONV,
+    storage, view, with_act, Act, GradPart, CONV,
 };
 
 /// Threads per block of the per-plane weight-gradient kernels (`CONV_THREADS`).
@@ -302,15 +302,6 @@ impl CustomOp3 for ConvOp {
         };
         Ok((dx, Some(dw), Some(db)))
     }
-}
-
-/// Which part of the backward a [`ConvGrad`] computes.
-#[derive(Clone, Copy)]
-enum GradPart {
-    /// The input gradient, in the activations' dtype.
-    Input,
-    /// The partial sums of the weight and bias gradients, in f32.
-    Params,
 }
 
 /// A part of the backward of [`ConvOp`], as one op on (x, weight, dy).

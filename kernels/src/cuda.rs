@@ -128,6 +128,16 @@ pub(crate) fn block_grid(blocks: usize, threads: u32) -> LaunchConfig {
     }
 }
 
+/// Which part of a backward split into two ops on (x, weight, dy) one op
+/// computes (the convolutions', the norms'): each part skips the other's work.
+#[derive(Clone, Copy)]
+pub(crate) enum GradPart {
+    /// The input gradient, in the activations' dtype.
+    Input,
+    /// Per-block partial sums of the weight (and bias) gradients, in f32.
+    Params,
+}
+
 /// Launches kernel `$func` of `$module` on `$dev` with `$cfg` and the
 /// arguments, mapping a launch failure to a candle error (timed with
 /// `LCASR_KERNEL_PROFILE=1`, [`crate::kernel_profile`]).

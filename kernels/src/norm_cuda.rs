@@ -12,7 +12,7 @@ use candle_core::{CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::cuda::{
     cuda_only_cpu_fwd, f32_view, kernel, launch, output, output_of, storage, view, with_act, Act,
-    NORM,
+    GradPart, NORM,
 };
 
 /// Threads per block (`NORM_THREADS` in norm.cu).
@@ -99,16 +99,6 @@ pub(crate) fn backward(
     };
     let db = if layer { Some(part(1)?) } else { None };
     Ok((dx, part(0)?, db))
-}
-
-/// Which part of a norm's backward a [`NormGrad`] computes.
-#[derive(Clone, Copy)]
-enum GradPart {
-    /// dx (rows x d) in the activations' dtype.
-    Input,
-    /// The per-block partial sums of dweight and, for LayerNorm, of dbias
-    /// (blocks x d each), f32.
-    Params,
 }
 
 /// A part of the backward of a norm, as one op on (x, weight, dy).

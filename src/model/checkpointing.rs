@@ -9,8 +9,8 @@
 //!
 //! The parameter gradients travel through the ordinary graph, so any plain
 //! `loss.backward()` (library code, the Rhai host) receives them: every
-//! parameter of the block feeds a [`ParamTie`] node whose value is a zero
-//! scalar, the ties are summed into an anchor, and the anchor is the second
+//! parameter of the block feeds a tie (`lcasr_kernels::backward::gradient_tap`)
+//! whose value is a zero scalar, the ties are summed into an anchor, and the anchor is the second
 //! input of the [`BlockCheckpoint`] node. Backward reaches that node before
 //! the ties (they are its ancestors); its recomputation stores each
 //! parameter's gradient in a slot shared with the ties, and each tie hands
@@ -27,14 +27,13 @@
 //! recomputation reads their values at backward time). Trained rotary
 //! frequencies count among a block's parameters: each checkpointed block
 //! passes on its share of their gradient.
-//! The two nodes only pass tensors through; they run on CPU and, in a
+//! The nodes only pass tensors through; they run on CPU and, in a
 //! `cuda` build, on CUDA devices.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Error, Layout, Result, Shape, Tensor, Var};
+use lcasr_kernels::backward::gradient_tap;
 use lcasr_kernels::device_memory::trace;
 use lcasr_kernels::storage_copy::owned_cpu_storage;
 
@@ -63,9 +62,11 @@ pub(crate) fn checkpointed_block(
     let slots: Slots = Arc::new(Mutex::new(vec![None; params.len()]));
     let mut anchor = Tensor::zeros((), DType::F32, x.device())?;
     for (slot, p) in params.iter().enumerate() {
-        let tie = p.as_tensor().apply_op1(ParamTie {
-            slot,
-            slots: Arc::clone(&slots),
+        // A zero scalar that, in backward, hands the parameter the gradient
+        // the block's recomputation left in its slot.
+        let shared = Arc::clone(&slots);
+        let tie = gradient_tap(p.as_tensor(), "checkpoint-parameter-tie", move || {
+            lock(&shared)[slot].take()
         })?;
         anchor = (anchor + tie)?;
     }
@@ -167,35 +168,5 @@ impl CustomOp2 for BlockCheckpoint {
         trace(|| format!("{NODE} backward ends"), x.device());
         // The anchor must receive a gradient for backward to reach the ties.
         Ok((grad_x, Some(anchor.zeros_like()?)))
-    }
-}
-
-/// A zero scalar depending on one parameter; in backward it passes on the
-/// parameter's gradient computed by the block's recomputation.
-struct ParamTie {
-    slot: usize,
-    slots: Slots,
-}
-
-impl CustomOp1 for ParamTie {
-    fn name(&self) -> &'static str {
-        "checkpoint-parameter-tie"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok(lcasr_kernels::backward::zero_scalar_cpu())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        lcasr_kernels::backward::zero_scalar_cuda(s)
-    }
-
-    fn bwd(&self, _: &Tensor, _: &Tensor, _: &Tensor) -> Result<Option<Tensor>> {
-        Ok(lock(&self.slots)[self.slot].take())
     }
 }

@@ -561,10 +561,9 @@ fn check_update(param: &Param, grad: &Tensor) -> Result<()> {
 /// Elements per parallel work item of an update.
 const CHUNK: usize = 1 << 14;
 
-/// Runs `kernel(p, g, buffers)` over matching chunks of the parameter, its
-/// gradient and its state buffers, in parallel, writing the parameter in place.
-/// On the CPU the parameter's own storage is updated; elsewhere the values make
-/// one round trip through the host.
+/// Runs `kernel(p, g, buffers)` over matching chunks of a CPU parameter, its
+/// gradient and its state buffers, in parallel, writing the parameter in place
+/// (parameters elsewhere take [`StateStore::update`]'s tensor path).
 fn fused_update<K>(param: &Param, grad: &Tensor, buffers: &mut [Vec<f32>], kernel: K) -> Result<()>
 where
     K: Fn(&mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
@@ -608,8 +607,9 @@ pub(crate) fn with_f32_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resu
     Ok(f(&v))
 }
 
-/// Runs `f` over the values of `var`, writing them back into its own storage.
-pub(crate) fn update_var_in_place(var: &Var, f: impl FnOnce(&mut [f32])) -> Result<()> {
+/// Runs `f` over the values of the CPU variable `var`, writing them back into
+/// its own storage (through a copy when it is not contiguous).
+fn update_var_in_place(var: &Var, f: impl FnOnce(&mut [f32])) -> Result<()> {
     struct InPlace<F>(RefCell<Option<F>>);
     impl<F: FnOnce(&mut [f32])> InplaceOp1 for InPlace<F> {
         fn name(&self) -> &'static str {
@@ -628,17 +628,16 @@ pub(crate) fn update_var_in_place(var: &Var, f: impl FnOnce(&mut [f32])) -> Resu
             Ok(())
         }
     }
-    if var.device().is_cpu() && var.is_contiguous() {
+    if var.is_contiguous() {
         var.inplace_op1(&InPlace(RefCell::new(Some(f))))?;
     } else {
-        let mut values = var
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
+        let mut values = var.flatten_all()?.to_vec1::<f32>()?;
         f(&mut values);
-        let t =
-            Tensor::from_vec(values, var.shape().clone(), &Device::Cpu)?.to_device(var.device())?;
-        var.set(&t)?;
+        var.set(&Tensor::from_vec(
+            values,
+            var.shape().clone(),
+            &Device::Cpu,
+        )?)?;
     }
     Ok(())
 }
