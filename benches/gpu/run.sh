@@ -22,9 +22,11 @@
 # LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240);
 # LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first.
 # LCASR_GPU_ATTENTION lists the attention paths lcasr runs parts 2 and 3 with
-# (default "kernel"): "kernel" is the fused CUDA kernel, a number N is
-# chunked attention through cuBLAS, N query rows at a time
-# (LCASR_ATTENTION_CHUNK=N; docs/gpu.md), e.g. LCASR_GPU_ATTENTION="1024 kernel".
+# (default "kernel"): "kernel" is the fused CUDA-core kernel, "tc" the
+# tensor-core kernels (LCASR_ATTENTION_TC=1; bf16/f16 only, f32 steps run the
+# CUDA-core kernel), a number N is chunked attention through cuBLAS, N query
+# rows at a time (LCASR_ATTENTION_CHUNK=N; docs/gpu.md), e.g.
+# LCASR_GPU_ATTENTION="tc kernel 1024".
 # Other environment the programs read passes through, e.g.
 # LCASR_KERNEL_PROFILE=1: parts 2 and 3 print each step's GPU time per lcasr
 # kernel (CUDA events around every launch, which costs a little time).
@@ -45,11 +47,11 @@ each_attention() {
   local path
   for path in ${LCASR_GPU_ATTENTION:-kernel}; do
     echo "-- attention: $path"
-    if [ "$path" = kernel ]; then
-      env -u LCASR_ATTENTION_CHUNK "$@"
-    else
-      LCASR_ATTENTION_CHUNK=$path "$@"
-    fi
+    case "$path" in
+      kernel) env -u LCASR_ATTENTION_CHUNK -u LCASR_ATTENTION_TC "$@" ;;
+      tc) env -u LCASR_ATTENTION_CHUNK LCASR_ATTENTION_TC=1 "$@" ;;
+      *) env -u LCASR_ATTENTION_TC LCASR_ATTENTION_CHUNK="$path" "$@" ;;
+    esac
   done
 }
 

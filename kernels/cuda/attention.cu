@@ -14,68 +14,16 @@
 // rows hit 32 banks. Dh <= 128 (DPL <= 4); the host falls back to the
 // composed path beyond.
 
-#include <stdint.h>
-
 #define ATT_WARPS 4
 #define ATT_TILE 32
 
-// ---- the dropout mask of src/attention_dropout.rs ----
+#include "attention_mask.cuh"
 
-__device__ __forceinline__ uint64_t att_mix64(uint64_t x) {
-    x += 0x9E3779B97F4A7C15ull;
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
-}
-
-__device__ __forceinline__ uint32_t att_mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7FEB352Du;
-    x ^= x >> 15;
-    x *= 0x846CA68Bu;
-    return x ^ (x >> 16);
-}
-
-__device__ __forceinline__ uint32_t att_row_key(uint64_t seed, long long b, long long h,
-                                                long long i) {
-    uint64_t k = att_mix64(seed);
-    k = att_mix64(k ^ (uint64_t)b);
-    k = att_mix64(k ^ (uint64_t)h);
-    k = att_mix64(k ^ (uint64_t)i);
-    return (uint32_t)(k ^ (k >> 32));
-}
-
-// The factor applied to probability (row with key rk, column j): 0 or 1/(1-p);
-// 1 without dropout (threshold 0 keeps everything).
-__device__ __forceinline__ float att_keep(uint32_t rk, long long j, uint32_t threshold,
-                                          float keep_scale) {
-    if (threshold == 0u) return 1.0f;
-    const uint32_t hash = att_mix32(rk ^ ((uint32_t)j * 0x9E3779B9u));
-    return hash >= threshold ? keep_scale : 0.0f;
-}
-
-// ---- masking: the Problem of src/attention.rs ----
-
-struct AttShape {
-    long long n;         // sequence length N
-    long long left;      // window left, < 0: unbounded
-    long long right;     // window right, < 0: unbounded
-    uint64_t seed;       // dropout seed
-    int heads;           // H
-    int dh;              // head dimension
-    uint32_t threshold;  // dropout: keep iff hash >= threshold (0: no dropout)
-    float scale;         // 1 / sqrt(Dh)
-    float keep_scale;    // 1 / (1 - p)
-    uint32_t pad;        // explicit tail padding (the host struct mirrors this one)
-};
-
-__device__ __forceinline__ bool att_visible(const AttShape& s, long long len, long long i,
-                                            long long j) {
-    if (i >= len || j >= len) return false;
-    if (s.left >= 0 && j + s.left < i) return false;
-    if (s.right >= 0 && j > i + s.right) return false;
-    return true;
-}
+// The block's dynamic shared memory (the launch's shared_mem_bytes) as
+// `T name[]`; kernels/tests/cuda_emu/cuda_emu.h defines its own.
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -98,20 +46,6 @@ __device__ __forceinline__ void att_load_tile(float* dst, const float* src, long
         const long long row = r0 + r;
         dst[r * stride + d] = row < limit ? src[row * dh + d] : 0.0f;
     }
-}
-
-// The positions [*lo, *hi) within `back` behind and `ahead` in front (< 0:
-// unbounded) of any of the live rows [r0, r0 + rows) of an item of length
-// len, *lo rounded down to a tile; empty when no row is live.
-__device__ __forceinline__ void att_span(long long back, long long ahead, long long len,
-                                         long long r0, int rows, long long* lo, long long* hi) {
-    *lo = 0;
-    *hi = 0;
-    if (r0 >= len) return;
-    const long long last = min(r0 + rows, len) - 1;
-    *lo = back >= 0 ? max(0ll, r0 - back) : 0;
-    *hi = ahead >= 0 ? min(len, last + ahead + 1) : len;
-    *lo -= *lo % ATT_TILE;
 }
 
 // Dot product of two padded shared rows of length dh.
@@ -143,7 +77,7 @@ __device__ __forceinline__ void att_accumulate(float (&acc)[DPL], float w, const
 template <int DPL, int RPW>
 __device__ void att_fwd(const float* q, const float* k, const float* v, const int* lengths,
                         float* out, float* lse, AttShape s) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     const int stride = s.dh + 1;
     float* ks = smem;
     float* vs = ks + ATT_TILE * stride;
@@ -172,7 +106,7 @@ __device__ void att_fwd(const float* q, const float* k, const float* v, const in
     }
 
     long long j_lo, j_hi;  // keys any of the block's live rows can see
-    att_span(s.left, s.right, len, i0, rows, &j_lo, &j_hi);
+    att_span(s.left, s.right, len, i0, rows, ATT_TILE, &j_lo, &j_hi);
     for (long long j0 = j_lo; j0 < j_hi; j0 += ATT_TILE) {
         __syncthreads();
         att_load_tile(ks, k + base, j0, ATT_TILE, len, s.dh);
@@ -233,7 +167,7 @@ template <int DPL, int RPW>
 __device__ void att_bwd_dq(const float* q, const float* k, const float* v, const float* dout,
                            const float* lse, const float* delta, const int* lengths, float* dq,
                            AttShape s) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     const int stride = s.dh + 1;
     const int rows = ATT_WARPS * RPW;
     float* ks = smem;
@@ -264,7 +198,7 @@ __device__ void att_bwd_dq(const float* q, const float* k, const float* v, const
         rk[r] = s.threshold ? att_row_key(s.seed, b, h, i) : 0u;
     }
     long long j_lo, j_hi;
-    att_span(s.left, s.right, len, i0, rows, &j_lo, &j_hi);
+    att_span(s.left, s.right, len, i0, rows, ATT_TILE, &j_lo, &j_hi);
     for (long long j0 = j_lo; j0 < j_hi; j0 += ATT_TILE) {
         __syncthreads();
         att_load_tile(ks, k + base, j0, ATT_TILE, len, s.dh);
@@ -305,7 +239,7 @@ template <int DPL, int RPW>
 __device__ void att_bwd_dkv(const float* q, const float* k, const float* v, const float* dout,
                             const float* lse, const float* delta, const int* lengths, float* dk,
                             float* dv, AttShape s) {
-    extern __shared__ float smem[];
+    DYNAMIC_SHARED(float, smem);
     const int stride = s.dh + 1;
     const int rows = ATT_WARPS * RPW;
     float* qs = smem;
@@ -334,7 +268,7 @@ __device__ void att_bwd_dkv(const float* q, const float* k, const float* v, cons
         for (int c = 0; c < DPL; ++c) gk[r][c] = gv[r][c] = 0.0f;
 
     long long i_lo, i_hi;  // queries that see any of the block's live keys
-    att_span(s.right, s.left, len, j0, rows, &i_lo, &i_hi);
+    att_span(s.right, s.left, len, j0, rows, ATT_TILE, &i_lo, &i_hi);
     for (long long q0 = i_lo; q0 < i_hi; q0 += ATT_TILE) {
         __syncthreads();
         att_load_tile(qs, q + base, q0, ATT_TILE, len, s.dh);

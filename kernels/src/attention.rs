@@ -55,20 +55,26 @@ pub struct AttentionOptions<'a> {
 /// The gradient flows back to `qkv` in the same interleaved layout.
 /// f32 on the CPU runs the fused kernel here; on a CUDA device (any float
 /// dtype, computed in f32, Dh <= 128) the kernel of `cuda/attention.cu`, or
-/// [`attention_chunked`] when `LCASR_ATTENTION_CHUNK` asks for it; anything
-/// else the composition [`crate::composed::attention`].
+/// [`attention_chunked`] when `LCASR_ATTENTION_CHUNK` asks for it, or for
+/// bf16/f16 the tensor-core kernels of `cuda/attention_tc.cu` when
+/// `LCASR_ATTENTION_TC=1` asks for them; anything else the composition
+/// [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda_kernels(qkv) {
         if let Some(rows) = chunk_rows_from_env()? {
             return attention_chunked(qkv, opts, rows);
         }
+        if crate::attention_tc_cuda::wanted(qkv, opts.head_dim)? {
+            return attention_tensor_cores(qkv, opts);
+        }
         if opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
             // Half precision on a GPU computes in f32 too: the composition
             // would materialise (B, H, N, N) scores.
             let x = qkv.to_dtype(DType::F32)?;
             let p = Problem::new(&x, opts)?;
-            return crate::attention_cuda::attention(&x, p, opts)?.to_dtype(qkv.dtype());
+            let kernels = crate::attention_cuda::Kernels::CudaCores;
+            return crate::attention_cuda::attention(&x, p, opts, kernels)?.to_dtype(qkv.dtype());
         }
     }
     if crate::half(qkv) {
@@ -79,6 +85,22 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         return crate::composed::attention(qkv, opts);
     }
     qkv.contiguous()?.apply_op1(op)
+}
+
+/// [`attention`] of a bf16 or f16 `qkv` on a CUDA device of compute
+/// capability 8.0 or newer, on tensor cores (`cuda/attention_tc.cu`), head
+/// dims 32, 64, 96 or 128; the output in `qkv`'s dtype. What
+/// `LCASR_ATTENTION_TC=1` selects; an error where the kernels do not apply.
+#[cfg(feature = "cuda")]
+pub fn attention_tensor_cores(
+    qkv: &Tensor,
+    opts: &AttentionOptions,
+) -> candle_core::Result<Tensor> {
+    if let Some(why) = crate::attention_tc_cuda::unsupported(qkv, opts.head_dim)? {
+        bail!("{why}");
+    }
+    let p = Problem::new(qkv, opts)?;
+    crate::attention_cuda::attention(qkv, p, opts, crate::attention_cuda::Kernels::TensorCores)
 }
 
 /// `LCASR_ATTENTION_CHUNK=rows`: on a CUDA device, attention runs as

@@ -1,21 +1,25 @@
-//! The CUDA side of attention (`cuda/attention.cu`): memory linear in the
-//! sequence length. Rotary embedding and the split of the interleaved qkv
-//! into heads are candle ops ([`crate::composed::attention_heads`], their
-//! gradients by autograd); the core op takes the (B, H, N, Dh) heads, keeps
-//! each row's log-sum-exp from the forward, and recomputes the probabilities
-//! in the backward (three kernels: the row deltas, dQ, then dK and dV).
+//! The CUDA side of attention: memory linear in the sequence length.
+//! Rotary embedding and the split of the interleaved qkv into heads are
+//! candle ops ([`crate::composed::attention_heads`], their gradients by
+//! autograd); the core op takes the (B, H, N, Dh) heads, keeps each row's
+//! log-sum-exp from the forward, and recomputes the probabilities in the
+//! backward (three kernels: the row deltas, dQ, then dK and dV). Two kernel
+//! families run it ([`Kernels`]): the CUDA-core f32 kernels of
+//! `cuda/attention.cu` (launched here) and the tensor-core bf16/f16 kernels
+//! of `cuda/attention_tc.cu` ([`crate::attention_tc_cuda`]).
 
 use std::sync::Mutex;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention::{AttentionOptions, Problem};
 use crate::cuda::{
-    cuda_only_cpu_fwd, device_lengths, f32_view, grid, launch, output, storage, ATTENTION,
+    cuda_only_cpu_fwd, device_lengths, f32_view, grid, launch, output, output_of, storage, Module,
+    ATTENTION,
 };
 
 /// Largest head dimension the kernels take (four values per lane).
@@ -29,10 +33,10 @@ const FWD_RPW: usize = 4;
 /// Rows per warp in both backward kernels.
 const BWD_RPW: usize = 2;
 
-/// The kernels' `AttShape`, field for field.
+/// The kernels' `AttShape` (`cuda/attention_mask.cuh`), field for field.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct AttShape {
+pub(crate) struct AttShape {
     n: i64,
     left: i64,
     right: i64,
@@ -48,13 +52,50 @@ struct AttShape {
 // SAFETY: a plain `repr(C)` struct of scalars, laid out as the kernels' struct.
 unsafe impl DeviceRepr for AttShape {}
 
-/// Attention of the interleaved `qkv` (B, N, 3*H*Dh) f32 on a CUDA device,
-/// for the validated problem `p`: (B, N, H*Dh), as [`super::attention::attention`].
-pub(crate) fn attention(qkv: &Tensor, p: Problem, opts: &AttentionOptions) -> Result<Tensor> {
+/// The kernels' shape argument for problem `p`.
+pub(crate) fn att_shape(p: &Problem) -> AttShape {
+    let window = |w: Option<usize>| w.map_or(-1, |w| w.min(i64::MAX as usize) as i64);
+    let (seed, threshold, keep_scale) = p
+        .dropout
+        .map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.keep_scale));
+    AttShape {
+        n: p.n as i64,
+        left: window(p.left),
+        right: window(p.right),
+        seed,
+        heads: p.h as i32,
+        dh: p.dh as i32,
+        threshold,
+        scale: 1.0 / (p.dh as f32).sqrt(),
+        keep_scale,
+        pad: 0,
+    }
+}
+
+/// Which kernels compute the core op.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Kernels {
+    /// `cuda/attention.cu`: f32 heads (half precision is converted first).
+    CudaCores,
+    /// `cuda/attention_tc.cu`: bf16 or f16 heads on tensor cores.
+    TensorCores,
+}
+
+/// Attention of the interleaved `qkv` (B, N, 3*H*Dh) on a CUDA device, for
+/// the validated problem `p`, by `kernels` (f32 `qkv` for the CUDA cores,
+/// bf16 or f16 for the tensor cores): (B, N, H*Dh) in `qkv`'s dtype, as
+/// [`super::attention::attention`].
+pub(crate) fn attention(
+    qkv: &Tensor,
+    p: Problem,
+    opts: &AttentionOptions,
+    kernels: Kernels,
+) -> Result<Tensor> {
     let (b, n, h, dh) = (p.b, p.n, p.h, p.dh);
     let (q, k, v) = crate::composed::attention_heads(qkv, opts)?;
     let core = Core {
         p,
+        kernels,
         lse: Mutex::new(None),
     };
     let o = q
@@ -66,31 +107,28 @@ pub(crate) fn attention(qkv: &Tensor, p: Problem, opts: &AttentionOptions) -> Re
 /// The core op on (B, H, N, Dh) heads; owns the forward's row log-sum-exp.
 struct Core {
     p: Problem,
+    kernels: Kernels,
     lse: Mutex<Option<CudaSlice<f32>>>,
 }
 
-impl Core {
-    /// The kernels' shape argument.
-    fn shape(&self) -> AttShape {
-        let p = &self.p;
-        let window = |w: Option<usize>| w.map_or(-1, |w| w.min(i64::MAX as usize) as i64);
-        let (seed, threshold, keep_scale) = p
-            .dropout
-            .map_or((0, 0, 1.0), |d| (d.seed, d.threshold, d.keep_scale));
-        AttShape {
-            n: p.n as i64,
-            left: window(p.left),
-            right: window(p.right),
-            seed,
-            heads: p.h as i32,
-            dh: p.dh as i32,
-            threshold,
-            scale: 1.0 / (p.dh as f32).sqrt(),
-            keep_scale,
-            pad: 0,
-        }
-    }
+/// The inputs of a backward launch: the heads, the forward's output and its
+/// gradient (contiguous, the problem's shape), the forward's row log-sum-exp.
+pub(crate) struct GradInputs<'a> {
+    /// Queries, keys, values.
+    pub q: (&'a CudaStorage, &'a Layout),
+    /// See `q`.
+    pub k: (&'a CudaStorage, &'a Layout),
+    /// See `q`.
+    pub v: (&'a CudaStorage, &'a Layout),
+    /// The forward's output.
+    pub out: (&'a CudaStorage, &'a Layout),
+    /// The output's gradient.
+    pub dout: (&'a CudaStorage, &'a Layout),
+    /// Each row's log-sum-exp.
+    pub lse: &'a CudaSlice<f32>,
+}
 
+impl Core {
     /// The name of kernel `stem` for this head dimension.
     fn func(&self, stem: &str) -> String {
         format!("{stem}_{}", self.p.dh.div_ceil(32))
@@ -110,6 +148,137 @@ impl Core {
             shared_mem_bytes: (shared_floats * 4) as u32,
         }
     }
+
+    /// The CUDA-core forward: the output and each row's log-sum-exp.
+    fn forward_f32(
+        &self,
+        (qs, ql): (&CudaStorage, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, CudaSlice<f32>)> {
+        let op = "lcasr-attention-cuda";
+        let (q, dev) = f32_view(qs, ql, op)?;
+        let (k, _) = f32_view(ks, kl, op)?;
+        let (v, _) = f32_view(vs, vl, op)?;
+        let shared = (2 * TILE + WARPS * FWD_RPW) * (self.p.dh + 1);
+        let (out, lse) = head_forward(
+            dev,
+            &self.p,
+            &ATTENTION,
+            (
+                &self.func("lcasr_attention_fwd"),
+                self.grid(FWD_RPW, shared),
+            ),
+            [&q, &k, &v],
+        )?;
+        Ok((storage(out, dev), lse))
+    }
+
+    /// The CUDA-core backward: dq, dk, dv packed, f32.
+    fn backward_f32(&self, g: &GradInputs) -> Result<CudaStorage> {
+        let op = "lcasr-attention-grad-cuda";
+        let (q, dev) = f32_view(g.q.0, g.q.1, op)?;
+        let (k, _) = f32_view(g.k.0, g.k.1, op)?;
+        let (v, _) = f32_view(g.v.0, g.v.1, op)?;
+        let (o, _) = f32_view(g.out.0, g.out.1, op)?;
+        let (dout, _) = f32_view(g.dout.0, g.dout.1, op)?;
+        let Problem { b, n, h, dh, .. } = self.p;
+        let delta = row_deltas(
+            dev,
+            (&ATTENTION, "lcasr_attention_delta"),
+            (&o, &dout),
+            (b * h * n, dh),
+        )?;
+        let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1);
+        head_grads(
+            dev,
+            &self.p,
+            &ATTENTION,
+            [
+                (
+                    &self.func("lcasr_attention_bwd_dq"),
+                    self.grid(BWD_RPW, shared),
+                ),
+                (
+                    &self.func("lcasr_attention_bwd_dkv"),
+                    self.grid(BWD_RPW, shared + 3 * TILE),
+                ),
+            ],
+            [&q, &k, &v, &dout],
+            (g.lse, &delta),
+        )
+    }
+}
+
+/// The output (in the heads' type) and each row's log-sum-exp, by the
+/// forward kernel `func` of `module` (either family's: the same arguments)
+/// launched with `cfg` on the heads q, k, v.
+pub(crate) fn head_forward<T: DeviceRepr>(
+    dev: &CudaDevice,
+    p: &Problem,
+    module: &Module,
+    (func, cfg): (&str, LaunchConfig),
+    [q, k, v]: [&CudaView<T>; 3],
+) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+    let out = output_of::<T>(dev, p.b * p.h * p.n * p.dh)?;
+    let lse = output(dev, p.b * p.h * p.n)?;
+    let lengths = device_lengths(dev, &p.lengths)?;
+    let shape = att_shape(p);
+    // Reads B*H*N*Dh of q, k, v and B lengths; writes every row below N of
+    // out (Dh values) and of lse.
+    launch!(module, dev, func, cfg, q, k, v, &lengths, &out, &lse, &shape);
+    Ok((out, lse))
+}
+
+/// dq, dk, dv packed (f32) by the dQ and the dK/dV kernels `launches` of
+/// `module` (either family's: the same arguments) from the heads q, k, v,
+/// the output's gradient, each row's log-sum-exp and delta.
+pub(crate) fn head_grads<T: DeviceRepr>(
+    dev: &CudaDevice,
+    p: &Problem,
+    module: &Module,
+    launches: [(&str, LaunchConfig); 2],
+    [q, k, v, dout]: [&CudaView<T>; 4],
+    (lse, delta): (&CudaSlice<f32>, &CudaSlice<f32>),
+) -> Result<CudaStorage> {
+    let size = p.b * p.h * p.n * p.dh;
+    let grads = output(dev, 3 * size)?;
+    let lengths = device_lengths(dev, &p.lengths)?;
+    let shape = att_shape(p);
+    let dq = grads.slice(0..size);
+    let dk = grads.slice(size..2 * size);
+    let dv = grads.slice(2 * size..3 * size);
+    let [(dq_func, dq_cfg), (dkv_func, dkv_cfg)] = launches;
+    // Both read the heads, dout, lse and delta; they write every row of dq,
+    // and of dk and dv.
+    launch!(module, dev, dq_func, dq_cfg, q, k, v, dout, lse, delta, &lengths, &dq, &shape);
+    launch!(module, dev, dkv_func, dkv_cfg, q, k, v, dout, lse, delta, &lengths, &dk, &dv, &shape);
+    Ok(storage(grads, dev))
+}
+
+/// Each row's `delta = sum_d dO[d] * O[d]` by kernel `func` of `module`
+/// (either family's, one warp per row), for `rows` rows of `dh` values.
+pub(crate) fn row_deltas<T: DeviceRepr>(
+    dev: &CudaDevice,
+    (module, func): (&Module, &str),
+    (out, dout): (&CudaView<T>, &CudaView<T>),
+    (rows, dh): (usize, usize),
+) -> Result<CudaSlice<f32>> {
+    let delta = output(dev, rows)?;
+    let (rows_arg, dh_arg) = (rows as i64, dh as i32);
+    // One warp per row: reads rows x Dh of out and dout, writes rows of delta.
+    launch!(
+        module,
+        dev,
+        func,
+        grid(rows * 32),
+        out,
+        dout,
+        &delta,
+        &rows_arg,
+        &dh_arg
+    );
+    Ok(delta)
 }
 
 /// Checks that a head tensor has the problem's shape.
@@ -140,36 +309,16 @@ impl CustomOp3 for Core {
         vs: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let op = self.name();
         for (l, what) in [(ql, "q"), (kl, "k"), (vl, "v")] {
             check(&self.p, l, what)?;
         }
-        let (q, dev) = f32_view(qs, ql, op)?;
-        let (k, _) = f32_view(ks, kl, op)?;
-        let (v, _) = f32_view(vs, vl, op)?;
-        let Problem { b, n, h, dh, .. } = self.p;
-        let out = output(dev, b * h * n * dh)?;
-        let lse = output(dev, b * h * n)?;
-        let lengths = device_lengths(dev, &self.p.lengths)?;
-        let shape = self.shape();
-        let shared = (2 * TILE + WARPS * FWD_RPW) * (dh + 1);
-        // Reads B*H*N*Dh of q, k, v and B lengths; writes every row below N
-        // of out (Dh values) and of lse.
-        launch!(
-            ATTENTION,
-            dev,
-            &self.func("lcasr_attention_fwd"),
-            self.grid(FWD_RPW, shared),
-            &q,
-            &k,
-            &v,
-            &lengths,
-            &out,
-            &lse,
-            &shape
-        );
+        let (q, k, v) = ((qs, ql), (ks, kl), (vs, vl));
+        let (out, lse) = match self.kernels {
+            Kernels::CudaCores => self.forward_f32(q, k, v)?,
+            Kernels::TensorCores => crate::attention_tc_cuda::forward(&self.p, q, k, v)?,
+        };
         *self.lse.lock().expect("attention lse lock") = Some(lse);
-        Ok((storage(out, dev), ql.shape().clone()))
+        Ok((out, ql.shape().clone()))
     }
 
     fn bwd(
@@ -191,21 +340,26 @@ impl CustomOp3 for Core {
                 dout: &dout,
             },
         )?;
+        // The kernels write f32 gradients; the heads' dtype flows back.
         let size = q.elem_count();
-        let part =
-            |i: usize| -> Result<Tensor> { packed.narrow(0, i * size, size)?.reshape(q.shape()) };
+        let part = |i: usize| -> Result<Tensor> {
+            packed
+                .narrow(0, i * size, size)?
+                .reshape(q.shape())?
+                .to_dtype(q.dtype())
+        };
         Ok((Some(part(0)?), Some(part(1)?), Some(part(2)?)))
     }
 }
 
-/// The backward of [`Core`] as one op on (q, k, v): dq, dk, dv packed.
+/// The backward of [`Core`] as one op on (q, k, v): dq, dk, dv packed, f32.
 struct Grad<'a> {
     core: &'a Core,
     out: &'a Tensor,
     dout: &'a Tensor,
 }
 
-/// The CUDA storage of a contiguous f32 tensor, read-locked.
+/// The CUDA storage of a contiguous tensor, read-locked.
 fn cuda_storage<'t>(
     t: &'t Tensor,
     what: &str,
@@ -243,73 +397,24 @@ impl CustomOp3 for Grad<'_> {
         for (l, what) in [(ql, "q"), (kl, "k"), (vl, "v"), (ol, "out"), (dol, "dout")] {
             check(&core.p, l, what)?;
         }
-        let (q, dev) = f32_view(qs, ql, op)?;
-        let (k, _) = f32_view(ks, kl, op)?;
-        let (v, _) = f32_view(vs, vl, op)?;
-        let (o, _) = f32_view(os, ol, op)?;
-        let (dout, _) = f32_view(dos, dol, op)?;
         let guard = core.lse.lock().expect("attention lse lock");
         let Some(lse) = guard.as_ref() else {
             bail!("{op}: backward before forward");
         };
+        let inputs = GradInputs {
+            q: (qs, ql),
+            k: (ks, kl),
+            v: (vs, vl),
+            out: (os, ol),
+            dout: (dos, dol),
+            lse,
+        };
+        let grads = match core.kernels {
+            Kernels::CudaCores => core.backward_f32(&inputs)?,
+            Kernels::TensorCores => crate::attention_tc_cuda::backward(&core.p, &inputs)?,
+        };
         let Problem { b, n, h, dh, .. } = core.p;
-        let size = b * h * n * dh;
-        let rows = b * h * n;
-        let grads = output(dev, 3 * size)?;
-        let delta = output(dev, rows)?;
-        let lengths = device_lengths(dev, &core.p.lengths)?;
-        let shape = core.shape();
-        let (rows_arg, dh_arg) = (rows as i64, dh as i32);
-        // One warp per row: reads rows x Dh of out and dout, writes rows of delta.
-        launch!(
-            ATTENTION,
-            dev,
-            "lcasr_attention_delta",
-            grid(rows * 32),
-            &o,
-            &dout,
-            &delta,
-            &rows_arg,
-            &dh_arg
-        );
-        let dq = grads.slice(0..size);
-        let dk = grads.slice(size..2 * size);
-        let dv = grads.slice(2 * size..3 * size);
-        let shared = (2 * TILE + 2 * WARPS * BWD_RPW) * (dh + 1);
-        // Both read the heads, dout, lse and delta; they write every row of
-        // dq, and of dk and dv.
-        launch!(
-            ATTENTION,
-            dev,
-            &core.func("lcasr_attention_bwd_dq"),
-            core.grid(BWD_RPW, shared),
-            &q,
-            &k,
-            &v,
-            &dout,
-            lse,
-            &delta,
-            &lengths,
-            &dq,
-            &shape
-        );
-        launch!(
-            ATTENTION,
-            dev,
-            &core.func("lcasr_attention_bwd_dkv"),
-            core.grid(BWD_RPW, shared + 3 * TILE),
-            &q,
-            &k,
-            &v,
-            &dout,
-            lse,
-            &delta,
-            &lengths,
-            &dk,
-            &dv,
-            &shape
-        );
-        Ok((storage(grads, dev), Shape::from(3 * size)))
+        Ok((grads, Shape::from(3 * b * h * n * dh)))
     }
 }
 

@@ -14,6 +14,12 @@ pub(crate) const ATTENTION: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 };
 
+/// The PTX of `cuda/attention_tc.cu`.
+pub(crate) const ATTENTION_TC: Module = Module {
+    name: "lcasr-attention-tc",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention_tc.ptx")),
+};
+
 /// The PTX of `cuda/conv.cu`.
 pub(crate) const CONV: Module = Module {
     name: "lcasr-conv",

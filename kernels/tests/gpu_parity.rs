@@ -10,7 +10,9 @@ mod ops_support;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lcasr_kernels::activation::{gelu_tanh, silu};
-use lcasr_kernels::attention::{attention, attention_chunked, AttentionOptions};
+use lcasr_kernels::attention::{
+    attention, attention_chunked, attention_tensor_cores, AttentionOptions,
+};
 use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
 use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
 use lcasr_kernels::ctc::ctc_loss;
@@ -424,6 +426,59 @@ fn attention_with_rotary_padding_windows_and_dropout() {
                 },
                 1e-4,
             );
+        }
+    }
+}
+
+/// Attention on tensor cores (`LCASR_ATTENTION_TC`), bf16 and f16, against
+/// the CPU kernel in f32 on the same rounded inputs: every head dim the
+/// kernels take, padding, windows across tiles, dropout.
+#[test]
+fn attention_on_tensor_cores() {
+    let mut rng = Rng::new(11);
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        for (b, n, h, dh, lengths) in [
+            (2, 70, 2, 32, vec![70, 41]),
+            (1, 200, 2, 64, vec![187]),
+            (2, 90, 2, 96, vec![90, 33]),
+            (1, 130, 3, 128, vec![130]),
+        ] {
+            let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
+            let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+            for (name, window, dropout) in [
+                ("attention", None, None),
+                ("attention window 17/5", Some((17, 5)), None),
+                (
+                    "attention window 40/0 dropout",
+                    Some((40, 0)),
+                    Some((0.2f32, 9u64)),
+                ),
+            ] {
+                let opts = AttentionOptions {
+                    n_heads: h,
+                    head_dim: dh,
+                    rotary: Some((&cos[..], &sin[..])),
+                    lengths: Some(&lengths),
+                    window_left: window.map(|w: (usize, usize)| w.0),
+                    window_right: window.map(|w| w.1),
+                    dropout,
+                };
+                parity(
+                    &format!("{dtype:?} tensor-core {name} (B {b}, N {n}, H {h}, Dh {dh})"),
+                    &mut rng,
+                    std::slice::from_ref(&qkv),
+                    |t| {
+                        in_half(t, dtype, |x| {
+                            if x[0].device().is_cuda() {
+                                attention_tensor_cores(&x[0], &opts)
+                            } else {
+                                attention(&x[0], &opts)
+                            }
+                        })
+                    },
+                    tol,
+                );
+            }
         }
     }
 }

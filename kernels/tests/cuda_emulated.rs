@@ -1,0 +1,77 @@
+//! CUDA kernels run on the CPU: `tests/cuda_emu/cuda_emu.h` emulates the
+//! part of CUDA the kernels use (threads as fibers, barriers, warp shuffles,
+//! `mma.sync` in the PTX ISA's fragment layouts), and a harness per `.cu`
+//! file compares its kernels with a double-precision reference. This checks
+//! kernels in CI and in sessions without a GPU, before `gpu_parity` runs
+//! them on one. Needs `g++` (C++20), as the CI machine has.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Compiles `harness` (in `tests/cuda_emu`) under the emulation and runs it;
+/// returns its report, failing the test if it does not build or any case is
+/// out of tolerance.
+fn run_harness(harness: &str) -> String {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
+    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(harness.replace(".cpp", ""));
+    let build = Command::new("g++")
+        .args(["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas"])
+        .arg("-include")
+        .arg(dir.join("cuda_emu.h"))
+        .arg("-I")
+        .arg(dir.join("stub"))
+        .arg(dir.join(harness))
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run g++ (C++20) to build {harness}: {e}"));
+    assert!(
+        build.status.success(),
+        "g++ failed on {harness}:\n{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run = Command::new(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    let report = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{harness}: {}\n{report}{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    report
+}
+
+/// `cuda/attention_tc.cu` (tensor-core attention, forward and backward) on
+/// bf16 and f16 inputs, and `cuda/attention.cu` (the CUDA-core f32 kernels,
+/// verified on an H100, so a check of the emulation too): padding, an empty
+/// item, windows, dropout, every head dim the tensor-core kernels are built
+/// for.
+#[test]
+fn attention_on_emulated_gpu() {
+    let report = run_harness("attention.cpp");
+    print!("{report}");
+    assert!(report.contains("all cases within tolerance"), "{report}");
+    assert_eq!(
+        report.lines().count(),
+        16,
+        "5 cases x 3 kernels and a summary:\n{report}"
+    );
+}
+
+/// `cuda/ctc.cu` (CTC loss with its log-softmax, forward and backward) with
+/// the host's buffers: repeats, empty targets, items without frames,
+/// impossible items with and without zero_infinity, a blank other than 0,
+/// rows wider than a block, many alpha segments.
+#[test]
+fn ctc_on_emulated_gpu() {
+    let report = run_harness("ctc.cpp");
+    print!("{report}");
+    assert!(report.contains("all cases within tolerance"), "{report}");
+    assert_eq!(
+        report.lines().count(),
+        5,
+        "4 cases and a summary:\n{report}"
+    );
+}
