@@ -183,17 +183,25 @@ __device__ __forceinline__ void tc_weights_times(float (&out)[DH / 8][4], const 
 // Copies rows [r0, r0 + ROWS) of a (N, DH) head into shared memory, zero
 // from row `limit` on: row-major with stride DH + TC_PAD into `rows` and/or
 // transposed (DH rows of stride ROWS + TC_PAD) into `cols` (either may be
-// null).
+// null). Each thread moves 8 values (16 bytes) at a time: the heads start
+// 16-byte aligned (the host checks) and DH, DH + TC_PAD are multiples of 8.
 template <int DH, int ROWS>
 __device__ __forceinline__ void tc_load_tile(uint16_t* rows, uint16_t* cols, const uint16_t* src,
                                              long long r0, long long limit) {
-    for (int e = threadIdx.x; e < ROWS * DH; e += blockDim.x) {
-        const int r = e / DH;
-        const int d = e - r * DH;
+    constexpr int CHUNKS = DH / 8;
+    for (int e = threadIdx.x; e < ROWS * CHUNKS; e += blockDim.x) {
+        const int r = e / CHUNKS;
+        const int d0 = (e - r * CHUNKS) * 8;
         const long long row = r0 + r;
-        const uint16_t x = row < limit ? src[row * DH + d] : (uint16_t)0;
-        if (rows) rows[r * (DH + TC_PAD) + d] = x;
-        if (cols) cols[d * (ROWS + TC_PAD) + r] = x;
+        const uint4 x = row < limit ? *reinterpret_cast<const uint4*>(src + row * DH + d0)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+        if (rows) *reinterpret_cast<uint4*>(rows + r * (DH + TC_PAD) + d0) = x;
+        if (cols) {
+            const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                cols[(d0 + j) * (ROWS + TC_PAD) + r] = (uint16_t)(w[j >> 1] >> (16 * (j & 1)));
+        }
     }
 }
 

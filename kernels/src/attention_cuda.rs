@@ -329,7 +329,13 @@ impl CustomOp3 for Core {
         res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dout = grad_res.contiguous()?;
+        let mut dout = grad_res.contiguous()?;
+        if matches!(self.kernels, Kernels::TensorCores)
+            && dout.layout().start_offset() % crate::attention_tc_cuda::CHUNK != 0
+        {
+            // The tensor-core kernels read 16-byte chunks.
+            dout = dout.copy()?;
+        }
         let out = res.contiguous()?;
         let packed = q.apply_op3_no_bwd(
             k,

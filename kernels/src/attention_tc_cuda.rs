@@ -83,12 +83,23 @@ fn blocks(p: &Problem) -> LaunchConfig {
     }
 }
 
-/// An error unless `T` is a 16-bit float (the kernels' inputs).
-fn half_only<T: Act>() -> Result<()> {
+/// Values per 16-byte chunk, the unit in which the kernels read a head.
+pub(crate) const CHUNK: usize = 8;
+
+/// An error unless `T` is a 16-bit float (the kernels' inputs) and every
+/// input starts on a 16-byte boundary (an offset that is a multiple of
+/// [`CHUNK`] values; allocations themselves are aligned).
+fn check_inputs<T: Act>(layouts: &[&Layout]) -> Result<()> {
     if std::mem::size_of::<T>() != 2 {
         bail!(
             "attention on tensor cores takes bf16 or f16 heads, got {}",
             T::SUFFIX
+        );
+    }
+    if let Some(l) = layouts.iter().find(|l| l.start_offset() % CHUNK != 0) {
+        bail!(
+            "attention on tensor cores: an input starts at offset {}, not a multiple of {CHUNK}",
+            l.start_offset()
         );
     }
     Ok(())
@@ -111,7 +122,7 @@ fn forward_typed<T: Act>(
     (ks, kl): (&CudaStorage, &Layout),
     (vs, vl): (&CudaStorage, &Layout),
 ) -> Result<(CudaStorage, CudaSlice<f32>)> {
-    half_only::<T>()?;
+    check_inputs::<T>(&[ql, kl, vl])?;
     let op = "lcasr-attention-tc";
     let q = view::<T>(qs, ql, op)?;
     let k = view::<T>(ks, kl, op)?;
@@ -133,7 +144,7 @@ pub(crate) fn backward(p: &Problem, g: &GradInputs) -> Result<CudaStorage> {
 }
 
 fn backward_typed<T: Act>(p: &Problem, g: &GradInputs) -> Result<CudaStorage> {
-    half_only::<T>()?;
+    check_inputs::<T>(&[g.q.1, g.k.1, g.v.1, g.out.1, g.dout.1])?;
     let op = "lcasr-attention-tc-grad";
     let q = view::<T>(g.q.0, g.q.1, op)?;
     let k = view::<T>(g.k.0, g.k.1, op)?;

@@ -15,7 +15,10 @@ fn run_harness(harness: &str) -> String {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(harness.replace(".cpp", ""));
     let build = Command::new("g++")
-        .args(["-std=c++20", "-O2", "-Wall", "-Wno-unknown-pragmas"])
+        // CUDA code reads memory through other types (16-byte chunks of
+        // 16-bit values): no strict-aliasing assumptions.
+        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-Wall"])
+        .arg("-Wno-unknown-pragmas")
         .arg("-include")
         .arg(dir.join("cuda_emu.h"))
         .arg("-I")
@@ -73,5 +76,21 @@ fn ctc_on_emulated_gpu() {
         report.lines().count(),
         5,
         "4 cases and a summary:\n{report}"
+    );
+}
+
+/// `cuda/norm.cu` (LayerNorm, RMSNorm) and `cuda/glu.cu` in f32, bf16 and
+/// f16: outputs, input gradients, the weight and bias gradients' per-block
+/// partial sums; rows shorter and longer than a block, more rows than the
+/// backward's blocks.
+#[test]
+fn norms_and_glu_on_emulated_gpu() {
+    let report = run_harness("norms.cpp");
+    print!("{report}");
+    assert!(report.contains("all cases within tolerance"), "{report}");
+    assert_eq!(
+        report.lines().count(),
+        19,
+        "3 types x 2 shapes x 3 ops and a summary:\n{report}"
     );
 }

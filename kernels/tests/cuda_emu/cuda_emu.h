@@ -58,6 +58,11 @@ struct emu_dim3 {
 
 inline emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 // ---- 16-bit float types: bits only, converted with round-to-nearest-even ----
 
 struct __nv_bfloat16 {
@@ -307,6 +312,10 @@ inline V exchange(V v, unsigned (*src)(unsigned lane, unsigned arg), unsigned ar
 
 inline unsigned lane_xor(unsigned lane, unsigned mask) { return (lane ^ mask) & 31u; }
 inline unsigned lane_src(unsigned, unsigned src) { return src & 31u; }
+// __shfl_down_sync: lanes past the warp's end read their own value.
+inline unsigned lane_down(unsigned lane, unsigned delta) {
+    return lane + delta < 32 ? lane + delta : lane;
+}
 
 }  // namespace emu
 
@@ -326,6 +335,10 @@ template <typename V>
 inline V __shfl_sync(unsigned, V v, int src) {
     return emu::exchange(v, emu::lane_src, (unsigned)src);
 }
+template <typename V>
+inline V __shfl_down_sync(unsigned, V v, unsigned delta) {
+    return emu::exchange(v, emu::lane_down, delta);
+}
 
 inline bool __any_sync(unsigned, bool pred) {
     bool any = false;
@@ -333,6 +346,8 @@ inline bool __any_sync(unsigned, bool pred) {
         any |= __shfl_sync(0xffffffffu, pred, (int)l);
     return any;
 }
+
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 inline double __longlong_as_double(long long v) {
     double d;
