@@ -21,12 +21,13 @@
 # LCASR_GPU_HOUR_RUNS its steps per precision (default 1) and
 # LCASR_GPU_HOUR_TIMEOUT the seconds each may take (default 240);
 # LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first.
-# LCASR_GPU_ATTENTION lists the attention paths lcasr runs parts 2 and 3 with
-# (default "kernel"): "kernel" is the fused CUDA-core kernel, "tc" the
-# tensor-core kernels (LCASR_ATTENTION_TC=1; bf16/f16 only, f32 steps run the
-# CUDA-core kernel), a number N is chunked attention through cuBLAS, N query
-# rows at a time (LCASR_ATTENTION_CHUNK=N; docs/gpu.md), e.g.
-# LCASR_GPU_ATTENTION="tc kernel 1024".
+# LCASR_GPU_STEP_DTYPES the precisions of part 2 (default "f32"; "f32 bf16"
+# adds autocast on both sides). LCASR_GPU_ATTENTION lists the attention paths
+# lcasr runs parts 2 and 3 with (default "kernel tc"): "kernel" is the fused
+# CUDA-core kernel, "tc" the tensor-core kernels (LCASR_ATTENTION_TC=1;
+# bf16/f16 only, so skipped for f32 steps), a number N is chunked attention
+# through cuBLAS, N query rows at a time (LCASR_ATTENTION_CHUNK=N;
+# docs/gpu.md), e.g. LCASR_GPU_ATTENTION="tc kernel 1024".
 # Other environment the programs read passes through, e.g.
 # LCASR_KERNEL_PROFILE=1: parts 2 and 3 print each step's GPU time per lcasr
 # kernel (CUDA events around every launch, which costs a little time).
@@ -45,7 +46,11 @@ want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # Runs "$@" once per attention path of LCASR_GPU_ATTENTION.
 each_attention() {
   local path
-  for path in ${LCASR_GPU_ATTENTION:-kernel}; do
+  for path in ${LCASR_GPU_ATTENTION:-kernel tc}; do
+    if [ "$path" = tc ] && [ "${LCASR_BENCH_DTYPE:-f32}" = f32 ]; then
+      echo "-- attention: tc skipped (f32 steps run the CUDA-core kernel)"
+      continue
+    fi
     echo "-- attention: $path"
     case "$path" in
       kernel) env -u LCASR_ATTENTION_CHUNK -u LCASR_ATTENTION_TC "$@" ;;
@@ -89,12 +94,16 @@ fi
 
 if want 2; then
   echo "== 2. training step on the GPU: lcasr vs PyTorch"
-  for shape in "8 4096" "2 16384" "2 2048"; do
-    set -- $shape
-    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
-      timeout 90 python3 "$bundle/model_torch.py"
-    LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2 \
-      LCASR_BENCH_PHASES=1 each_attention timeout 90 "$bin/model_step"
+  for dtype in ${LCASR_GPU_STEP_DTYPES:-f32}; do
+    for shape in "8 4096" "2 16384" "2 2048"; do
+      set -- $shape
+      (
+        export LCASR_BENCH_DEVICE=cuda:0 LCASR_BENCH_RUNS=5 LCASR_BENCH_B=$1 LCASR_BENCH_T=$2
+        [ "$dtype" = f32 ] || export LCASR_BENCH_DTYPE=$dtype
+        timeout 90 python3 "$bundle/model_torch.py"
+        LCASR_BENCH_PHASES=1 each_attention timeout 90 "$bin/model_step"
+      )
+    done
   done
 fi
 
