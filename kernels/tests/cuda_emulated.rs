@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Compiles `harness` (in `tests/cuda_emu`) under the emulation and runs it;
-/// returns its report, failing the test if it does not build or any case is
-/// out of tolerance.
-fn run_harness(harness: &str) -> String {
+/// Compiles `harness` (in `tests/cuda_emu`) under the emulation, runs it and
+/// prints its report; fails if it does not build, if any case is out of
+/// tolerance, or if the report has other than `cases` case lines.
+fn check(harness: &str, cases: usize) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/cuda_emu");
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(harness.replace(".cpp", ""));
     let build = Command::new("g++")
@@ -37,13 +37,19 @@ fn run_harness(harness: &str) -> String {
         .output()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
     let report = String::from_utf8_lossy(&run.stdout).into_owned();
+    print!("{report}");
     assert!(
         run.status.success(),
         "{harness}: {}\n{report}{}",
         run.status,
         String::from_utf8_lossy(&run.stderr)
     );
-    report
+    assert!(report.contains("all cases within tolerance"), "{report}");
+    assert_eq!(
+        report.lines().count(),
+        cases + 1,
+        "{harness}: {cases} cases and a summary expected"
+    );
 }
 
 /// `cuda/attention_tc.cu` (tensor-core attention, forward and backward) on
@@ -53,14 +59,8 @@ fn run_harness(harness: &str) -> String {
 /// for.
 #[test]
 fn attention_on_emulated_gpu() {
-    let report = run_harness("attention.cpp");
-    print!("{report}");
-    assert!(report.contains("all cases within tolerance"), "{report}");
-    assert_eq!(
-        report.lines().count(),
-        16,
-        "5 cases x 3 kernels and a summary:\n{report}"
-    );
+    // 5 cases x 3 kernels.
+    check("attention.cpp", 15);
 }
 
 /// `cuda/ctc.cu` (CTC loss with its log-softmax, forward and backward) with
@@ -69,14 +69,8 @@ fn attention_on_emulated_gpu() {
 /// rows wider than a block, many alpha segments.
 #[test]
 fn ctc_on_emulated_gpu() {
-    let report = run_harness("ctc.cpp");
-    print!("{report}");
-    assert!(report.contains("all cases within tolerance"), "{report}");
-    assert_eq!(
-        report.lines().count(),
-        5,
-        "4 cases and a summary:\n{report}"
-    );
+    // 4 cases.
+    check("ctc.cpp", 4);
 }
 
 /// `cuda/norm.cu` (LayerNorm, RMSNorm) and `cuda/glu.cu` in f32, bf16 and
@@ -85,12 +79,16 @@ fn ctc_on_emulated_gpu() {
 /// backward's blocks.
 #[test]
 fn norms_and_glu_on_emulated_gpu() {
-    let report = run_harness("norms.cpp");
-    print!("{report}");
-    assert!(report.contains("all cases within tolerance"), "{report}");
-    assert_eq!(
-        report.lines().count(),
-        19,
-        "3 types x 2 shapes x 3 ops and a summary:\n{report}"
-    );
+    // 3 types x 2 shapes x 3 ops.
+    check("norms.cpp", 18);
+}
+
+/// `cuda/conv.cu` in f32, bf16 and f16: the depthwise conv1d (a kernel wider
+/// than the sequence, partial sums over several rows), the depthwise conv2d
+/// k3 s2 and the conv2d k3 s2 with and without SiLU; outputs, input
+/// gradients, weight and bias gradients.
+#[test]
+fn convolutions_on_emulated_gpu() {
+    // 3 types x 5 cases.
+    check("conv.cpp", 15);
 }

@@ -9,75 +9,11 @@
 #include "../../cuda/glu.cu"
 #include "../../cuda/norm.cu"
 
-#include <string>
+#include "harness.h"
 
 namespace {
 
-struct Rng {
-    uint64_t s;
-    double next(double lo, double hi) {
-        s = s * 6364136223846793005ull + 1442695040888963407ull;
-        return lo + (hi - lo) * (double)(s >> 11) / 9007199254740992.0;
-    }
-};
-
-template <typename T>
-struct Type;
-template <>
-struct Type<float> {
-    static constexpr const char* name = "f32";
-    static constexpr double tol = 2e-5;
-};
-template <>
-struct Type<__nv_bfloat16> {
-    static constexpr const char* name = "bf16";
-    static constexpr double tol = 8e-3;
-};
-template <>
-struct Type<__half> {
-    static constexpr const char* name = "f16";
-    static constexpr double tol = 1e-3;
-};
-
-// Values in T and as the doubles the kernels read.
-template <typename T>
-struct Values {
-    std::vector<T> t;
-    std::vector<double> d;
-};
-
-template <typename T>
-Values<T> values(size_t n, Rng& rng, double lo, double hi) {
-    Values<T> v;
-    for (size_t i = 0; i < n; ++i) {
-        T x;
-        st(&x, (float)rng.next(lo, hi));
-        v.t.push_back(x);
-        v.d.push_back(ld(x));
-    }
-    return v;
-}
-
-std::vector<float> floats(size_t n, Rng& rng, double lo, double hi) {
-    std::vector<float> v;
-    for (size_t i = 0; i < n; ++i) v.push_back((float)rng.next(lo, hi));
-    return v;
-}
-
-// Largest |got - want| over the largest |want| (at least 1).
-template <typename G>
-double rel_error(const std::vector<G>& got, const std::vector<double>& want) {
-    double err = 0.0, top = 1.0;
-    for (size_t i = 0; i < want.size(); ++i) {
-        const double g = ld(got[i]);
-        if (!std::isfinite(g)) return INFINITY;
-        err = std::max(err, std::fabs(g - want[i]));
-        top = std::max(top, std::fabs(want[i]));
-    }
-    return err / top;
-}
-
-inline double ld(double v) { return v; }
+using namespace harness;
 
 // Each block's partial row of a (blocks, d) buffer, summed.
 std::vector<double> sum_parts(const std::vector<float>& parts, size_t blocks, size_t d) {
@@ -85,21 +21,6 @@ std::vector<double> sum_parts(const std::vector<float>& parts, size_t blocks, si
     for (size_t b = 0; b < blocks; ++b)
         for (size_t c = 0; c < d; ++c) s[c] += parts[b * d + c];
     return s;
-}
-
-bool verdict(const std::string& what, const std::vector<std::pair<const char*, double>>& errs,
-             double tol) {
-    bool ok = true;
-    std::string line;
-    for (const auto& [name, e] : errs) {
-        const bool pass = e <= tol;
-        ok = ok && pass;
-        char buf[64];
-        std::snprintf(buf, sizeof buf, " %s %.2e%s", name, e, pass ? "" : " (FAIL)");
-        line += buf;
-    }
-    std::printf("%-30s%s\n", what.c_str(), line.c_str());
-    return ok;
 }
 
 // The kernels of one type.
