@@ -9,28 +9,9 @@
 // deterministic. Each kernel has one entry point per type (_f32, _bf16, _f16).
 
 #include "act.cuh"
+#include "reduce.cuh"
 
 #define NORM_THREADS 256
-
-// Sum of `v` over the block; every thread receives it. `shared` holds one
-// float per warp.
-__device__ float lcasr_block_sum(float v, float* shared) {
-    const unsigned lane = threadIdx.x % 32;
-    const unsigned warp = threadIdx.x / 32;
-    for (int o = 16; o > 0; o >>= 1) {
-        v += __shfl_down_sync(0xffffffffu, v, o);
-    }
-    __syncthreads();  // `shared` may still be read by a previous reduction
-    if (lane == 0) {
-        shared[warp] = v;
-    }
-    __syncthreads();
-    float total = 0.0f;
-    for (unsigned w = 0; w < blockDim.x / 32; ++w) {
-        total += shared[w];
-    }
-    return total;
-}
 
 // Mean and 1/sqrt(var + eps) of one row (two passes, as the CPU kernel).
 template <typename T>

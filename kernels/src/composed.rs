@@ -78,13 +78,43 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// `softmax(x · weightᵀ + bias)` over the last dimension: `x` (.., d),
 /// `weight` (C, d), `bias` (C) -> (.., C).
 pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+    linear_softmax_with(x, weight, bias, softmax_last_dim)
+}
+
+/// [`linear_softmax`] with the softmax of the (.., C) logits (in `x`'s
+/// dtype) computed by `softmax`.
+pub(crate) fn linear_softmax_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    softmax: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let c = weight.dim(0)?;
-    let rows = x.elem_count() / d.max(1);
-    let logits = add_bias(&x.reshape((rows, d))?.matmul(&weight.t()?)?, bias)?;
+    let logits = linear_logits(x, weight, bias)?;
     let mut dims = x.dims().to_vec();
     *dims.last_mut().expect("x has a last dimension") = c;
-    softmax_last_dim(&logits.reshape(dims)?)
+    softmax(&logits.reshape(dims)?)
+}
+
+/// `x · weightᵀ + bias` as (rows, C) in `x`'s dtype, and `x` as (rows, d).
+fn linear_logits(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    add_bias(&x.reshape((rows, d))?.matmul(&weight.t()?)?, bias)
+}
+
+/// `p (g - rowsum(g p))` with `p = softmax(logits)` over the last dimension,
+/// in f32 (`logits` f32, `g` any float dtype): the gradient of the logits.
+/// Takes the logits to drop them as soon as the exponentials exist.
+pub fn softmax_grad_from_logits(logits: Tensor, g: &Tensor) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?;
+    let e = logits.broadcast_sub(&max)?.exp()?;
+    drop(logits);
+    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+    drop(e);
+    let g = f32_of(g)?;
+    let row_dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
+    g.broadcast_sub(&row_dot)? * p
 }
 
 /// The gradients of [`linear_softmax`]'s `x`, `weight` and `bias` for the
@@ -99,19 +129,25 @@ pub fn linear_softmax_backward(
     bias: &Tensor,
     grad: &Tensor,
 ) -> Result<[Tensor; 3]> {
+    linear_softmax_backward_with(x, weight, bias, grad, softmax_grad_from_logits)
+}
+
+/// [`linear_softmax_backward`] with the logits' gradient computed by
+/// `dlogits_of(logits f32, grad)` (as [`softmax_grad_from_logits`], which
+/// takes the logits so that they can go before the gradient's peak).
+pub(crate) fn linear_softmax_backward_with(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    grad: &Tensor,
+    dlogits_of: impl Fn(Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<[Tensor; 3]> {
     let d = x.dim(D::Minus1)?;
     let c = weight.dim(0)?;
     let rows = x.elem_count() / d.max(1);
     let x2 = x.reshape((rows, d))?;
-    let logits = f32_of(&add_bias(&x2.matmul(&weight.t()?)?, bias)?)?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let e = logits.broadcast_sub(&max)?.exp()?;
-    drop(logits);
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-    drop(e);
-    let g = f32_of(&grad.reshape((rows, c))?)?;
-    let row_dot = (&g * &p)?.sum_keepdim(D::Minus1)?;
-    let dlogits = (g.broadcast_sub(&row_dot)? * p)?;
+    let logits = f32_of(&linear_logits(x, weight, bias)?)?;
+    let dlogits = dlogits_of(logits, &grad.reshape((rows, c))?)?;
     let db = dlogits.sum(0)?.to_dtype(bias.dtype())?;
     let dl = dlogits.to_dtype(x.dtype())?;
     drop(dlogits);

@@ -38,6 +38,12 @@ pub(crate) const RENORM: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/renorm.ptx")),
 };
 
+/// The PTX of `cuda/softmax.cu`.
+pub(crate) const SOFTMAX: Module = Module {
+    name: "lcasr-softmax",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")),
+};
+
 /// The PTX of `cuda/glu.cu`.
 pub(crate) const GLU: Module = Module {
     name: "lcasr-glu",

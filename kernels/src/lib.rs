@@ -35,6 +35,8 @@ mod norm_cuda;
 mod recompute;
 pub mod rotary;
 pub mod softmax;
+#[cfg(feature = "cuda")]
+mod softmax_cuda;
 pub mod storage_copy;
 
 use std::cell::Cell;

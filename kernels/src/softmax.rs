@@ -30,6 +30,10 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.dim(D::Minus1)? == 0 {
         return Ok(x.clone());
     }
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels(x) {
+        return crate::softmax_cuda::softmax(x);
+    }
     if x.dtype() != DType::F32 || !crate::native(x) {
         return crate::recompute::node(&[x], |t| crate::composed::softmax_last_dim(&t[0]));
     }
@@ -137,6 +141,24 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
     let fused = [x, weight, bias]
         .iter()
         .all(|t| t.dtype() == DType::F32 && crate::native(t));
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels(x) && d > 0 && c > 0 {
+        // The CUDA softmax kernels around candle's matmuls: the forward's
+        // probabilities in one pass, the backward's logits gradient in one.
+        let (xd, wd, bd) = (x.detach(), weight.detach(), bias.detach());
+        let first =
+            crate::composed::linear_softmax_with(&xd, &wd, &bd, crate::softmax_cuda::softmax)?;
+        return crate::recompute::node_with_grads(&[x, weight, bias], first, |t, grad| {
+            let grads = crate::composed::linear_softmax_backward_with(
+                &t[0],
+                &t[1],
+                &t[2],
+                grad,
+                |logits, g| crate::softmax_cuda::grad_from_logits(&logits, g),
+            )?;
+            Ok(grads.into_iter().map(Some).collect())
+        });
+    }
     if !fused || d == 0 || c == 0 {
         let first = crate::composed::linear_softmax(&x.detach(), &weight.detach(), &bias.detach())?;
         return crate::recompute::node_with_grads(&[x, weight, bias], first, |t, grad| {

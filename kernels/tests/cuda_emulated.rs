@@ -92,3 +92,12 @@ fn convolutions_on_emulated_gpu() {
     // 3 types x 5 cases.
     check("conv.cpp", 15);
 }
+
+/// `cuda/softmax.cu` in f32, bf16 and f16: the forward (large values, -inf
+/// entries), the backward from the output, the head's gradient from f32
+/// logits; rows shorter and longer than a block, a vocabulary-sized row.
+#[test]
+fn softmax_on_emulated_gpu() {
+    // 3 types x 3 shapes.
+    check("softmax.cpp", 9);
+}

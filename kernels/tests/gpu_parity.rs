@@ -2,7 +2,7 @@
 //! and the gradients of every input. Built only with the `cuda` feature and
 //! run on a machine with a GPU (`benches/gpu/run.sh`). On the GPU an op runs
 //! its `.cu` kernel where it has one (attention, the convolutions,
-//! BatchRenorm, GLU, the norms) and its composition of candle ops
+//! BatchRenorm, GLU, the norms, softmax) and its composition of candle ops
 //! (`lcasr_kernels::composed`) elsewhere.
 #![cfg(feature = "cuda")]
 
@@ -255,6 +255,34 @@ fn glu_and_norms_in_half_precision() {
                 tol,
             );
         }
+    }
+}
+
+#[test]
+fn softmax_in_half_precision() {
+    let mut rng = Rng::new(12);
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        // A row shorter than a block and a vocabulary-sized one.
+        for dims in [[3, 7, 10], [2, 5, 4097]] {
+            let x = rng.tensor(&dims, -8.0, 8.0);
+            parity(
+                &format!("{dtype:?} softmax {dims:?}"),
+                &mut rng,
+                std::slice::from_ref(&x),
+                |t| in_half(t, dtype, |x| softmax_last_dim(&x[0])),
+                tol,
+            );
+        }
+        let x = rng.tensor(&[2, 9, 64], -1.0, 1.0);
+        let w = rng.tensor(&[4097, 64], -0.2, 0.2);
+        let b = rng.tensor(&[4097], -0.2, 0.2);
+        parity(
+            &format!("{dtype:?} linear_softmax"),
+            &mut rng,
+            &[x, w, b],
+            |t| in_half(t, dtype, |x| linear_softmax(&x[0], &x[1], &x[2])),
+            tol,
+        );
     }
 }
 
