@@ -104,7 +104,9 @@ pub enum RenormMode<'a> {
 
 /// BatchRenorm + affine + SiLU on `x` (B, T, C) with `weight`, `bias` (C). Returns the
 /// output and, in training mode, the batch statistics so the caller can update its
-/// running buffers. Gradients flow to `x`, `weight` and `bias`. f32 only.
+/// running buffers. Gradients flow to `x`, `weight` and `bias`. f32 on the CPU
+/// and on CUDA devices (bf16/f16 there are converted to f32 around the
+/// kernels); other dtypes and devices run the composition.
 ///
 /// In training mode under [`with_stats_reducer`] the statistics (returned and
 /// used) are those of the batches of all ranks together, and the gradient of
@@ -118,6 +120,14 @@ pub fn batch_renorm_silu(
     mode: RenormMode,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     if crate::half(x) {
+        if crate::cuda_kernels(x) {
+            // The CUDA kernels are f32: convert around them (the composition
+            // computes in f32 too, and cannot synchronise statistics).
+            let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+            let (y, stats) =
+                batch_renorm_silu(&f32_of(x)?, &f32_of(weight)?, &f32_of(bias)?, mode)?;
+            return Ok((y.to_dtype(x.dtype())?, stats));
+        }
         return composed_node(x, weight, bias, mode);
     }
     let op = "batch_renorm_silu";
@@ -154,8 +164,7 @@ pub fn batch_renorm_silu(
             bail!("{op}: lengths {l:?} must be {b} values <= T = {t}");
         }
     }
-    // The CUDA kernels take unsynchronised statistics only.
-    let on_cuda = crate::native_cuda(x) && !stats_reducer_installed();
+    let on_cuda = crate::native_cuda(x);
     if !crate::native(x) && !on_cuda {
         return composed_node(x, weight, bias, mode);
     }
@@ -184,7 +193,7 @@ pub fn batch_renorm_silu(
             };
             let reducer = installed_reducer();
             let (mean, sigma, count) = if on_cuda {
-                moments_on_device(&x, t, &valid)?
+                moments_on_device(&x, t, &valid, reducer.as_deref())?
             } else {
                 with_f32(&x, op, |xs| {
                     batch_moments(xs, c, t, &valid, reducer.as_deref())
@@ -226,14 +235,15 @@ fn moments_on_device(
     x: &Tensor,
     t_len: usize,
     valid: &[usize],
+    reducer: Option<&dyn StatsReducer>,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     #[cfg(feature = "cuda")]
     {
-        cuda::batch_moments(x, t_len, valid)
+        cuda::batch_moments(x, t_len, valid, reducer)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (x, t_len, valid);
+        let _ = (x, t_len, valid, reducer);
         bail!("batch_renorm_silu: built without CUDA")
     }
 }
@@ -406,17 +416,35 @@ fn batch_moments(
     reducer: Option<&dyn StatsReducer>,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     let zeros = vec![0.0f32; c];
-    let mut sums = channel_sums(x, c, t_len, valid, &zeros, false);
-    sums.push(valid.iter().sum::<usize>() as f64);
+    moments_from_sums(valid.iter().sum(), reducer, |mean| {
+        Ok(match mean {
+            None => channel_sums(x, c, t_len, valid, &zeros, false),
+            Some(m) => channel_sums(x, c, t_len, valid, m, true),
+        })
+    })
+}
+
+/// Per-channel mean, sqrt(biased variance) and the count of the counted
+/// positions, from this rank's `count` positions and per-channel f64 sums:
+/// `sums(None)` of x, `sums(Some(mean))` of (x - mean)^2. With `reducer` the
+/// sums and the count are those of every rank. The CPU kernel and the CUDA
+/// one (whose sums come from the device) share it.
+fn moments_from_sums(
+    count: usize,
+    reducer: Option<&dyn StatsReducer>,
+    mut sums: impl FnMut(Option<&[f32]>) -> Result<Vec<f64>>,
+) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let mut totals = sums(None)?;
+    totals.push(count as f64);
     if let Some(r) = reducer {
-        r.sum(&mut sums)?;
+        r.sum(&mut totals)?;
     }
-    let n = sums.pop().unwrap_or_default();
+    let n = totals.pop().unwrap_or_default();
     if n == 0.0 {
         bail!("batch_renorm_silu: no valid positions to take batch statistics over");
     }
-    let mean: Vec<f32> = sums.iter().map(|s| (s / n) as f32).collect();
-    let mut squares = channel_sums(x, c, t_len, valid, &mean, true);
+    let mean: Vec<f32> = totals.iter().map(|s| (s / n) as f32).collect();
+    let mut squares = sums(Some(&mean))?;
     if let Some(r) = reducer {
         r.sum(&mut squares)?;
     }
@@ -558,15 +586,7 @@ impl CustomOp3 for Renorm {
         let t_len = x.dim(1)?;
         let (a, b) = self.affine_coefs(&w, &bs);
         let u = self.scale();
-        let reducer = match &self.batch {
-            Some(info) if info.synchronised => Some(installed_reducer().ok_or_else(|| {
-                Error::Msg(format!(
-                    "{op}: the forward pass took its statistics over all ranks but the \
-                     backward pass runs without the ranks' reducer installed"
-                ))
-            })?),
-            _ => None,
-        };
+        let reducer = self.backward_reducer()?;
         let (dx, dw, db) = with_f32(x, op, |xs| {
             with_f32(grad, op, |dy| {
                 let mut dx = vec![0.0f32; xs.len()];
@@ -592,17 +612,8 @@ impl CustomOp3 for Renorm {
                         },
                     );
                 if let Some(info) = &self.batch {
-                    match &reducer {
-                        // The statistics' gradient needs the sums over every
-                        // rank; this rank's weight and bias gradients stay its own.
-                        Some(r) => {
-                            let mut total = [&dw[..], &db[..]].concat();
-                            r.sum(&mut total)?;
-                            let (tw, tb) = total.split_at(c);
-                            self.add_stats_grad(xs, &mut dx, &w, tw, tb, info, t_len);
-                        }
-                        None => self.add_stats_grad(xs, &mut dx, &w, &dw, &db, info, t_len),
-                    }
+                    let (tw, tb) = stats_totals(reducer.as_deref(), &dw, &db)?;
+                    self.add_stats_grad(xs, &mut dx, &w, &tw, &tb, info, t_len);
                 }
                 let dw: Vec<f32> = dw.iter().map(|v| *v as f32).collect();
                 let db: Vec<f32> = db.iter().map(|v| *v as f32).collect();
@@ -618,7 +629,41 @@ impl CustomOp3 for Renorm {
     }
 }
 
+/// The per-channel sums of the weight and bias gradients that the gradient
+/// through the batch statistics needs: over every rank with `reducer`, this
+/// rank's own without. (The weight and bias gradients themselves stay this
+/// rank's, summed with the other parameters' afterwards.)
+fn stats_totals(
+    reducer: Option<&dyn StatsReducer>,
+    dw: &[f64],
+    db: &[f64],
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let Some(r) = reducer else {
+        return Ok((dw.to_vec(), db.to_vec()));
+    };
+    let mut total = [dw, db].concat();
+    r.sum(&mut total)?;
+    let tb = total.split_off(dw.len());
+    Ok((total, tb))
+}
+
 impl Renorm {
+    /// The reducer the backward pass sums the statistics' terms with: the
+    /// installed one when the forward synchronised its statistics (an error
+    /// if none is installed now), none otherwise.
+    fn backward_reducer(&self) -> Result<Option<Rc<dyn StatsReducer>>> {
+        match &self.batch {
+            Some(info) if info.synchronised => installed_reducer().map(Some).ok_or_else(|| {
+                Error::Msg(
+                    "batch_renorm_silu: the forward pass took its statistics over all ranks \
+                     but the backward pass runs without the ranks' reducer installed"
+                        .into(),
+                )
+            }),
+            _ => Ok(None),
+        }
+    }
+
     /// The per-channel coefficients (k1, k2) of the gradient that flows
     /// through the batch mean and std: counted row j gains k1 + k2 * (x_j -
     /// mean). With g = dL/dxhat = dz * r * w: dL/dmean = -sum(g) / std and

@@ -5,9 +5,9 @@
 
 use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::{BatchInfo, Renorm};
+use super::{moments_from_sums, stats_totals, BatchInfo, Renorm, StatsReducer};
 use crate::cuda::{
     block_grid, cuda_only_cpu_fwd, device_lengths, f32_view, grid, launch, output, row_parts,
     storage, RENORM,
@@ -30,31 +30,23 @@ fn fold_parts(part: &Tensor, width: usize) -> Result<Vec<f64>> {
 }
 
 /// Per-channel mean and sqrt(biased variance) of `x` (B, T, C) over the
-/// counted rows (t < valid[b]), and their number.
+/// counted rows (t < valid[b]), and their number; with `reducer`, over every
+/// rank (the device's partial sums are added up on the host, then reduced).
 pub(super) fn batch_moments(
     x: &Tensor,
     t_len: usize,
     valid: &[usize],
+    reducer: Option<&dyn StatsReducer>,
 ) -> Result<(Vec<f32>, Vec<f32>, usize)> {
     let c = x.dim(2)?;
-    let n = valid.iter().sum::<usize>();
-    if n == 0 {
-        bail!("batch_renorm_silu: no valid positions to take batch statistics over");
-    }
-    let sums = |mean: Option<Vec<f32>>| -> Result<Vec<f64>> {
+    moments_from_sums(valid.iter().sum(), reducer, |mean| {
         let part = x.apply_op1_no_bwd(&ChannelSums {
             t_len,
             valid: valid.to_vec(),
-            mean,
+            mean: mean.map(<[f32]>::to_vec),
         })?;
         fold_parts(&part, c)
-    };
-    let mean: Vec<f32> = sums(None)?.iter().map(|s| (s / n as f64) as f32).collect();
-    let sigma = sums(Some(mean.clone()))?
-        .iter()
-        .map(|s| (s / n as f64).sqrt() as f32)
-        .collect();
-    Ok((mean, sigma, n))
+    })
 }
 
 /// Partial per-channel sums of x (or of its squared deviations from `mean`)
@@ -152,7 +144,8 @@ pub(super) fn backward(
     let sums = fold_parts(&packed.narrow(0, n, packed.elem_count() - n)?, 2 * c)?;
     let (dw, db) = sums.split_at(c);
     if let Some(info) = &r.batch {
-        dx = x.apply_op2_no_bwd(&dx, &StatsGrad::new(r, &w, dw, db, info, x.dim(1)?))?;
+        let (tw, tb) = stats_totals(r.backward_reducer()?.as_deref(), dw, db)?;
+        dx = x.apply_op2_no_bwd(&dx, &StatsGrad::new(r, &w, &tw, &tb, info, x.dim(1)?))?;
     }
     let dev = x.device();
     let to_f32 = |v: &[f64]| -> Vec<f32> { v.iter().map(|s| *s as f32).collect() };

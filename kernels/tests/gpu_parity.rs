@@ -8,12 +8,16 @@
 
 mod ops_support;
 
+use std::rc::Rc;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lcasr_kernels::activation::{gelu_tanh, silu};
 use lcasr_kernels::attention::{
     attention, attention_chunked, attention_tensor_cores, AttentionOptions,
 };
-use lcasr_kernels::batch_renorm::{batch_renorm_silu, RenormMode};
+use lcasr_kernels::batch_renorm::{
+    batch_renorm_silu, with_stats_reducer, RenormMode, StatsReducer,
+};
 use lcasr_kernels::conv2d::{conv2d_k3s2, conv2d_k3s2_silu, depthwise_conv2d_k3s2};
 use lcasr_kernels::ctc::ctc_loss;
 use lcasr_kernels::depthwise_conv::depthwise_conv1d;
@@ -394,6 +398,64 @@ fn batch_renorm_train_and_eval() {
             &[x, w, b],
             |t| batch_renorm_silu(&t[0], &t[1], &t[2], eval).map(|(y, _)| y),
             1e-4,
+        );
+    }
+}
+
+/// Statistics summed over two ranks that hold the same batch: the sums
+/// double, so the statistics and gradients equal one rank's, while every
+/// synchronised exchange of the op runs.
+struct TwoIdenticalRanks;
+
+impl StatsReducer for TwoIdenticalRanks {
+    fn sum(&self, values: &mut [f64]) -> Result<()> {
+        values.iter_mut().for_each(|v| *v *= 2.0);
+        Ok(())
+    }
+}
+
+/// BatchRenorm with synchronised statistics (data parallel, `--gpus N`) and
+/// in half precision (converted around the f32 kernels) on the GPU, against
+/// the CPU kernel.
+#[test]
+fn batch_renorm_synchronised_and_half() {
+    let mut rng = Rng::new(13);
+    let (dims, lengths) = ([3, 50, 40], vec![50, 21, 3]);
+    let c = dims[2];
+    let x = rng.tensor(&dims, -2.0, 3.0);
+    let w = rng.tensor(&[c], 0.5, 1.5);
+    let b = rng.tensor(&[c], -0.5, 0.5);
+    let rm: Vec<f32> = (0..c).map(|_| rng.uniform(-0.5, 1.0)).collect();
+    let rs: Vec<f32> = (0..c).map(|_| rng.uniform(0.2, 2.5)).collect();
+    let train = RenormMode::Train {
+        running_mean: &rm,
+        running_std: &rs,
+        rmax: 1.5,
+        dmax: 0.5,
+        eps: 1e-3,
+        lengths: Some(&lengths),
+    };
+    let inputs = [x, w, b];
+    with_stats_reducer(Rc::new(TwoIdenticalRanks), || {
+        parity(
+            "batch_renorm synchronised",
+            &mut rng,
+            &inputs,
+            |t| batch_renorm_silu(&t[0], &t[1], &t[2], train).map(|(y, _)| y),
+            1e-4,
+        )
+    });
+    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        parity(
+            &format!("{dtype:?} batch_renorm train"),
+            &mut rng,
+            &inputs,
+            |t| {
+                in_half(t, dtype, |x| {
+                    batch_renorm_silu(&x[0], &x[1], &x[2], train).map(|(y, _)| y)
+                })
+            },
+            tol,
         );
     }
 }
