@@ -65,6 +65,11 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         if let Some(rows) = chunk_rows_from_env()? {
             return attention_chunked(qkv, opts, rows);
         }
+        // The kernels take one (item, head) per grid row: at most 65,535
+        // (many short items; the chunked path has no such bound).
+        if qkv.dim(0)? * opts.n_heads > crate::attention_cuda::MAX_ITEM_HEADS {
+            return attention_chunked(qkv, opts, CHUNK_ROWS_BEYOND_GRID);
+        }
         if crate::attention_tc_cuda::wanted(qkv, opts.head_dim)? {
             return attention_tensor_cores(qkv, opts);
         }
@@ -99,9 +104,21 @@ pub fn attention_tensor_cores(
     if let Some(why) = crate::attention_tc_cuda::unsupported(qkv, opts.head_dim)? {
         bail!("{why}");
     }
+    let pairs = qkv.dim(0)? * opts.n_heads;
+    if pairs > crate::attention_cuda::MAX_ITEM_HEADS {
+        bail!(
+            "attention on tensor cores: {pairs} (item, head) pairs exceed the grid's {}",
+            crate::attention_cuda::MAX_ITEM_HEADS
+        );
+    }
     let p = Problem::new(qkv, opts)?;
     crate::attention_cuda::attention(qkv, p, opts, crate::attention_cuda::Kernels::TensorCores)
 }
+
+/// Query rows per chunk when a batch has more (item, head) pairs than the
+/// CUDA kernels' grid takes.
+#[cfg(feature = "cuda")]
+const CHUNK_ROWS_BEYOND_GRID: usize = 256;
 
 /// `LCASR_ATTENTION_CHUNK=rows`: on a CUDA device, attention runs as
 /// [`attention_chunked`] with that many query rows per chunk

@@ -24,6 +24,9 @@ use crate::cuda::{
 
 /// Largest head dimension the kernels take (four values per lane).
 pub(crate) const MAX_HEAD_DIM: usize = 128;
+/// Most (item, head) pairs per launch: both families put them on the grid's
+/// y axis, which CUDA limits to 65,535 blocks.
+pub(crate) const MAX_ITEM_HEADS: usize = 65_535;
 /// Warps per block (`ATT_WARPS`).
 const WARPS: usize = 4;
 /// Keys (or queries) per streamed tile (`ATT_TILE`).
