@@ -185,13 +185,18 @@ __device__ __forceinline__ void tc_weights_times(float (&out)[DH / 8][4], const 
 // transposed (DH rows of stride ROWS + TC_PAD) into `cols` (either may be
 // null). Each thread moves 8 values (16 bytes) at a time: the heads start
 // 16-byte aligned (the host checks) and DH, DH + TC_PAD are multiples of 8.
+// Without `cols`, consecutive threads take consecutive chunks of a row
+// (coalesced reads). With `cols`, consecutive threads take the same chunk of
+// consecutive rows: their transposed 16-bit stores then fall in one or two
+// words of a `cols` row instead of 16 threads hitting one bank, and their
+// row stores (stride DH + 8 values, 4 banks apart) stay conflict-free.
 template <int DH, int ROWS>
 __device__ __forceinline__ void tc_load_tile(uint16_t* rows, uint16_t* cols, const uint16_t* src,
                                              long long r0, long long limit) {
     constexpr int CHUNKS = DH / 8;
     for (int e = threadIdx.x; e < ROWS * CHUNKS; e += blockDim.x) {
-        const int r = e / CHUNKS;
-        const int d0 = (e - r * CHUNKS) * 8;
+        const int r = cols ? e % ROWS : e / CHUNKS;
+        const int d0 = (cols ? e / ROWS : e % CHUNKS) * 8;
         const long long row = r0 + r;
         const uint4 x = row < limit ? *reinterpret_cast<const uint4*>(src + row * DH + d0)
                                     : make_uint4(0u, 0u, 0u, 0u);
@@ -327,9 +332,8 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         const float inv = live ? 1.0f / sum : 0.0f;
 #pragma unroll
         for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-                out[base + i * DH + nb * 8 + 2 * t + e] = T::of(o[nb][2 * r + e] * inv);
+            *reinterpret_cast<uint32_t*>(out + base + i * DH + nb * 8 + 2 * t) =
+                tc_pack(T::of(o[nb][2 * r] * inv), T::of(o[nb][2 * r + 1] * inv));
         if (t == 0) lse[bh * s.n + i] = live ? m[r] + logf(sum) : 0.0f;
     }
 }
@@ -416,9 +420,8 @@ __device__ void tc_bwd_dq(const uint16_t* q, const uint16_t* k, const uint16_t* 
         if (i >= s.n) continue;
 #pragma unroll
         for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-                dq[base + i * DH + nb * 8 + 2 * t + e] = acc[nb][2 * r + e] * s.scale;
+            *reinterpret_cast<float2*>(dq + base + i * DH + nb * 8 + 2 * t) =
+                make_float2(acc[nb][2 * r] * s.scale, acc[nb][2 * r + 1] * s.scale);
     }
 }
 
@@ -492,13 +495,12 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
         const long long j = jw + g + 8 * r;
         if (j >= s.n) continue;
 #pragma unroll
-        for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const long long at = base + j * DH + nb * 8 + 2 * t + e;
-                dk[at] = gk[nb][2 * r + e] * s.scale;
-                dv[at] = gv[nb][2 * r + e];
-            }
+        for (int nb = 0; nb < DH / 8; ++nb) {
+            const long long at = base + j * DH + nb * 8 + 2 * t;
+            *reinterpret_cast<float2*>(dk + at) =
+                make_float2(gk[nb][2 * r] * s.scale, gk[nb][2 * r + 1] * s.scale);
+            *reinterpret_cast<float2*>(dv + at) = make_float2(gv[nb][2 * r], gv[nb][2 * r + 1]);
+        }
     }
 }
 

@@ -63,6 +63,11 @@ struct alignas(16) uint4 {
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
+struct alignas(8) float2 {
+    float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+
 // ---- 16-bit float types: bits only, converted with round-to-nearest-even ----
 
 struct __nv_bfloat16 {
