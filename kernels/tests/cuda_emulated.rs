@@ -101,3 +101,14 @@ fn softmax_on_emulated_gpu() {
     // 3 types x 3 shapes.
     check("softmax.cpp", 9);
 }
+
+/// `cuda/renorm.cu` against its contracts (the coefficients come from the
+/// CPU kernel's code on the host): the partial sums of x and its squared
+/// deviations over the counted rows, the forward, the backward's direct part
+/// with the weight and bias partial sums, the gradient through the
+/// statistics.
+#[test]
+fn batch_renorm_on_emulated_gpu() {
+    // 2 shapes.
+    check("renorm.cpp", 2);
+}

@@ -1,7 +1,10 @@
-// What the elementwise-kernel harnesses (norms.cpp, conv.cpp) share: a
-// reproducible generator, per-type names and tolerances, inputs rounded to
-// the kernels' type, the error measure and the report line.
+// What the row and elementwise harnesses (norms.cpp, conv.cpp, softmax.cpp,
+// renorm.cpp) share: a reproducible generator, per-type names and
+// tolerances, inputs rounded to the kernels' type, the error measure and the
+// report line.
 #pragma once
+
+#include "../../cuda/act.cuh"  // ld / st for the activation types
 
 #include <string>
 #include <utility>
