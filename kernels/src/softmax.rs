@@ -21,8 +21,9 @@ use crate::cpu_f32::{
 const TASK_ELEMS: usize = 1 << 15;
 
 /// Softmax over the last dimension, any rank; gradient flows to `x`. f32 on the
-/// CPU runs the fused kernel; other dtypes and devices use candle's composed
-/// `softmax`.
+/// CPU runs the fused kernel, any float dtype on a CUDA device the kernels of
+/// `cuda/softmax.cu`; anything else the composition, recomputed in the
+/// backward.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if x.rank() == 0 {
         bail!("softmax_last_dim: expected at least one dimension");
@@ -122,7 +123,8 @@ fn softmax_grad(y: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
 /// and output and never the logits: for self-conditioning's head (C = 4,096 classes
 /// at every intermediate layer) candle's graph would otherwise hold each layer's
 /// logits until the backward ends, where PyTorch frees them at once. f32 on the CPU
-/// runs the fused kernel; other dtypes and devices use the composition.
+/// runs the fused kernel; on a CUDA device candle's matmuls with the softmax
+/// kernels of `cuda/softmax.cu`; other dtypes and devices the composition.
 pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let op = "linear_softmax";
     if x.rank() == 0 {
