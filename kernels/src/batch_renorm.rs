@@ -105,8 +105,9 @@ pub enum RenormMode<'a> {
 /// BatchRenorm + affine + SiLU on `x` (B, T, C) with `weight`, `bias` (C). Returns the
 /// output and, in training mode, the batch statistics so the caller can update its
 /// running buffers. Gradients flow to `x`, `weight` and `bias`. f32 on the CPU
-/// and on CUDA devices (bf16/f16 there are converted to f32 around the
-/// kernels); other dtypes and devices run the composition.
+/// and on CUDA devices runs the kernels (bf16/f16 on CUDA too when the
+/// statistics are synchronised, converted to f32 around them); other dtypes
+/// and devices run the composition.
 ///
 /// In training mode under [`with_stats_reducer`] the statistics (returned and
 /// used) are those of the batches of all ranks together, and the gradient of
@@ -120,9 +121,11 @@ pub fn batch_renorm_silu(
     mode: RenormMode,
 ) -> Result<(Tensor, Option<BatchStats>)> {
     if crate::half(x) {
-        if crate::cuda_kernels(x) {
-            // The CUDA kernels are f32: convert around them (the composition
-            // computes in f32 too, and cannot synchronise statistics).
+        if crate::cuda_kernels(x) && stats_reducer_installed() {
+            // Synchronised statistics (data parallel) need the kernels, which
+            // are f32: convert around them. Without a reducer the composition's
+            // node is leaner (it keeps the half tensors only; the conversions
+            // would keep f32 copies of the input and output in the graph).
             let f32_of = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
             let (y, stats) =
                 batch_renorm_silu(&f32_of(x)?, &f32_of(weight)?, &f32_of(bias)?, mode)?;
