@@ -136,7 +136,16 @@ __device__ __forceinline__ void tc_rows_a(uint32_t (&a)[DH / 16][4], const uint1
     }
 }
 
-// acc[nb] += A * B^T for the NB n-tiles of a shared row-major matrix `m`
+// Zeroes N accumulator fragments.
+template <int N>
+__device__ __forceinline__ void tc_zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int nb = 0; nb < N; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+}
+
+// acc[nb] = A * B^T for the NB n-tiles of a shared row-major matrix `m`
 // (rows = the n side, columns = the DH contraction): the scores of the
 // warp's rows (fragments `a`) against rows n0 + [0, 8 * NB) of `m`.
 template <typename T, int DH, int NB>
@@ -144,10 +153,9 @@ __device__ __forceinline__ void tc_rows_times(float (&acc)[NB][4], const uint32_
                                               const uint16_t* m, int ld) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
+    tc_zero(acc);
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < DH / 16; ++kk) {
             const uint32_t b[2] = {tc_pair(m, nb * 8 + g, kk * 16 + 2 * t, ld),
@@ -271,10 +279,7 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     float m[2] = {-INFINITY, -INFINITY};
     float l[2] = {0.0f, 0.0f};  // this lane's part of the row sums
     float o[DH / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[nb][e] = 0.0f;
+    tc_zero(o);
     uint32_t rk[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) rk[r] = s.threshold ? att_row_key(s.seed, b, h, iw + g + 8 * r) : 0u;
@@ -374,10 +379,7 @@ __device__ void tc_bwd_dq(const uint16_t* q, const uint16_t* k, const uint16_t* 
     tc_rows_a<DH>(qa, q + base, iw, len);
     tc_rows_a<DH>(da, dout + base, iw, len);
     float acc[DH / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+    tc_zero(acc);
     float row_lse[2], row_delta[2];
     uint32_t rk[2];
 #pragma unroll
@@ -449,10 +451,8 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
     tc_rows_a<DH>(ka, k + base, jw, len);
     tc_rows_a<DH>(va, v + base, jw, len);
     float gk[DH / 8][4], gv[DH / 8][4];
-#pragma unroll
-    for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) gk[nb][e] = gv[nb][e] = 0.0f;
+    tc_zero(gk);
+    tc_zero(gv);
 
     long long i_lo, i_hi;  // queries that see any of the block's live keys
     att_span(s.right, s.left, len, j0, TC_WARPS * TC_ROWS, QT, &i_lo, &i_hi);

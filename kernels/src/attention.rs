@@ -70,8 +70,10 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         if qkv.dim(0)? * opts.n_heads > crate::attention_cuda::MAX_ITEM_HEADS {
             return attention_chunked(qkv, opts, CHUNK_ROWS_BEYOND_GRID);
         }
-        if crate::attention_tc_cuda::wanted(qkv, opts.head_dim)? {
-            return attention_tensor_cores(qkv, opts);
+        if crate::attention_tc_cuda::asked()?
+            && crate::attention_tc_cuda::unsupported(qkv, opts.head_dim)?.is_none()
+        {
+            return tensor_cores(qkv, opts);
         }
         if opts.head_dim <= crate::attention_cuda::MAX_HEAD_DIM {
             // Half precision on a GPU computes in f32 too: the composition
@@ -111,6 +113,12 @@ pub fn attention_tensor_cores(
             crate::attention_cuda::MAX_ITEM_HEADS
         );
     }
+    tensor_cores(qkv, opts)
+}
+
+/// [`attention_tensor_cores`] once its conditions are known to hold.
+#[cfg(feature = "cuda")]
+fn tensor_cores(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     let p = Problem::new(qkv, opts)?;
     crate::attention_cuda::attention(qkv, p, opts, crate::attention_cuda::Kernels::TensorCores)
 }

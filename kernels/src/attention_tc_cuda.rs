@@ -25,19 +25,17 @@ const BLOCK_ROWS: u32 = 64;
 /// Threads per block.
 const THREADS: u32 = 128;
 
-/// Whether attention of `qkv` with `head_dim` runs on tensor cores here:
-/// asked for (`LCASR_ATTENTION_TC=1`), bf16 or f16, a head dim the kernels
-/// take, and a device of compute capability 8.0 or newer.
-pub(crate) fn wanted(qkv: &Tensor, head_dim: usize) -> Result<bool> {
-    let asked = match std::env::var("LCASR_ATTENTION_TC") {
-        Err(_) => false,
+/// Whether `LCASR_ATTENTION_TC=1` asks for tensor cores (where
+/// [`unsupported`] finds nothing against them).
+pub(crate) fn asked() -> Result<bool> {
+    match std::env::var("LCASR_ATTENTION_TC") {
+        Err(_) => Ok(false),
         Ok(v) => match v.trim() {
-            "1" => true,
-            "0" | "" => false,
+            "1" => Ok(true),
+            "0" | "" => Ok(false),
             _ => bail!("LCASR_ATTENTION_TC={v:?}: expected 1 (tensor cores) or 0"),
         },
-    };
-    Ok(asked && crate::half(qkv) && HEAD_DIMS.contains(&head_dim) && sm80_or_newer(qkv)?)
+    }
 }
 
 /// Why the kernels cannot take `qkv` with `head_dim`, if they cannot.

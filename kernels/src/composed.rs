@@ -118,24 +118,14 @@ pub fn softmax_grad_from_logits(logits: Tensor, g: &Tensor) -> Result<Tensor> {
 }
 
 /// The gradients of [`linear_softmax`]'s `x`, `weight` and `bias` for the
-/// output gradient `grad`, written out: the probabilities recomputed, then
-/// `dlogits = p (grad - rowsum(grad p))` in f32 and two matmuls, with the
-/// dtypes (and so the roundings) of the composition's autograd. About four
-/// tensors of the probabilities' size at a time, half of what autograd
-/// through the composition holds.
-pub fn linear_softmax_backward(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    grad: &Tensor,
-) -> Result<[Tensor; 3]> {
-    linear_softmax_backward_with(x, weight, bias, grad, softmax_grad_from_logits)
-}
-
-/// [`linear_softmax_backward`] with the logits' gradient computed by
-/// `dlogits_of(logits f32, grad)` (as [`softmax_grad_from_logits`], which
-/// takes the logits so that they can go before the gradient's peak).
-pub(crate) fn linear_softmax_backward_with(
+/// output gradient `grad`, written out: the logits recomputed, then their
+/// gradient `dlogits = p (grad - rowsum(grad p))` by `dlogits_of(logits f32,
+/// grad)` ([`softmax_grad_from_logits`], or a kernel; it takes the logits so
+/// that they can go before its peak), and two matmuls, with the dtypes (and
+/// so the roundings) of the composition's autograd. With the composition,
+/// about four tensors of the probabilities' size at a time, half of what
+/// autograd through the composition holds.
+pub(crate) fn linear_softmax_backward(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,

@@ -143,33 +143,42 @@ pub fn linear_softmax(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tens
     let fused = [x, weight, bias]
         .iter()
         .all(|t| t.dtype() == DType::F32 && crate::native(t));
-    #[cfg(feature = "cuda")]
-    if crate::cuda_kernels(x) && d > 0 && c > 0 {
-        // The CUDA softmax kernels around candle's matmuls: the forward's
-        // probabilities in one pass, the backward's logits gradient in one.
-        let (xd, wd, bd) = (x.detach(), weight.detach(), bias.detach());
-        let first =
-            crate::composed::linear_softmax_with(&xd, &wd, &bd, crate::softmax_cuda::softmax)?;
-        return crate::recompute::node_with_grads(&[x, weight, bias], first, |t, grad| {
-            let grads = crate::composed::linear_softmax_backward_with(
-                &t[0],
-                &t[1],
-                &t[2],
-                grad,
-                |logits, g| crate::softmax_cuda::grad_from_logits(&logits, g),
-            )?;
-            Ok(grads.into_iter().map(Some).collect())
-        });
-    }
     if !fused || d == 0 || c == 0 {
-        let first = crate::composed::linear_softmax(&x.detach(), &weight.detach(), &bias.detach())?;
-        return crate::recompute::node_with_grads(&[x, weight, bias], first, |t, grad| {
-            let grads = crate::composed::linear_softmax_backward(&t[0], &t[1], &t[2], grad)?;
+        let (softmax, logits_grad) = head_steps(x, d, c);
+        let (xd, wd, bd) = (x.detach(), weight.detach(), bias.detach());
+        let first = crate::composed::linear_softmax_with(&xd, &wd, &bd, softmax)?;
+        return crate::recompute::node_with_grads(&[x, weight, bias], first, move |t, grad| {
+            let grads =
+                crate::composed::linear_softmax_backward(&t[0], &t[1], &t[2], grad, logits_grad)?;
             Ok(grads.into_iter().map(Some).collect())
         });
     }
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearSoftmax)
+}
+
+/// The softmax of the head's logits.
+type SoftmaxStep = fn(&Tensor) -> Result<Tensor>;
+/// The logits' gradient from f32 logits and the probabilities' gradient.
+type LogitsGradStep = fn(Tensor, &Tensor) -> Result<Tensor>;
+
+/// The softmax steps around candle's matmuls when [`linear_softmax`] of `x`
+/// (d features, c classes) does not run its fused CPU kernel: the CUDA
+/// kernels on a CUDA device (the forward's probabilities in one pass, the
+/// backward's logits gradient in one), the composition elsewhere.
+fn head_steps(x: &Tensor, d: usize, c: usize) -> (SoftmaxStep, LogitsGradStep) {
+    #[cfg(feature = "cuda")]
+    if crate::cuda_kernels(x) && d > 0 && c > 0 {
+        return (
+            crate::softmax_cuda::softmax,
+            crate::softmax_cuda::grad_from_logits,
+        );
+    }
+    let _ = (x, d, c);
+    (
+        crate::composed::softmax_last_dim,
+        crate::composed::softmax_grad_from_logits,
+    )
 }
 
 struct LinearSoftmax;

@@ -35,7 +35,7 @@ pub(crate) fn softmax(x: &Tensor) -> Result<Tensor> {
 /// `dlogits = p (g - rowsum(g p))` (f32) with `p = softmax(logits)` over the
 /// last dimension: `logits` f32, `g` the probabilities' gradient in any
 /// float dtype, both (rows, C) on a CUDA device. No graph.
-pub(crate) fn grad_from_logits(logits: &Tensor, g: &Tensor) -> Result<Tensor> {
+pub(crate) fn grad_from_logits(logits: Tensor, g: &Tensor) -> Result<Tensor> {
     logits
         .contiguous()?
         .apply_op2_no_bwd(&g.contiguous()?, &SoftmaxGrad { from_logits: true })

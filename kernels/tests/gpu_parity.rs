@@ -462,6 +462,26 @@ fn batch_renorm_synchronised_and_half() {
     });
 }
 
+/// Attention of `h` heads of `dh` with rotary tables, item lengths, a local
+/// window (left, right) and dropout (p, seed), each as the case gives.
+fn attention_opts<'a>(
+    (h, dh): (usize, usize),
+    (cos, sin): (&'a [f32], &'a [f32]),
+    lengths: &'a [usize],
+    window: Option<(usize, usize)>,
+    dropout: Option<(f32, u64)>,
+) -> AttentionOptions<'a> {
+    AttentionOptions {
+        n_heads: h,
+        head_dim: dh,
+        rotary: Some((cos, sin)),
+        lengths: Some(lengths),
+        window_left: window.map(|w| w.0),
+        window_right: window.map(|w| w.1),
+        dropout,
+    }
+}
+
 #[test]
 fn attention_with_rotary_padding_windows_and_dropout() {
     let mut rng = Rng::new(4);
@@ -487,15 +507,7 @@ fn attention_with_rotary_padding_windows_and_dropout() {
                 Some((0.3f32, 5u64)),
             ),
         ] {
-            let opts = AttentionOptions {
-                n_heads: h,
-                head_dim: dh,
-                rotary: Some((&cos[..], &sin[..])),
-                lengths: Some(&lengths),
-                window_left: window.map(|w: (usize, usize)| w.0),
-                window_right: window.map(|w| w.1),
-                dropout,
-            };
+            let opts = attention_opts((h, dh), (&cos, &sin), &lengths, window, dropout);
             parity(
                 &format!("{name} (B {b}, N {n}, H {h}, Dh {dh})"),
                 &mut rng,
@@ -546,15 +558,7 @@ fn attention_on_tensor_cores() {
                     Some((0.2f32, 9u64)),
                 ),
             ] {
-                let opts = AttentionOptions {
-                    n_heads: h,
-                    head_dim: dh,
-                    rotary: Some((&cos[..], &sin[..])),
-                    lengths: Some(&lengths),
-                    window_left: window.map(|w: (usize, usize)| w.0),
-                    window_right: window.map(|w| w.1),
-                    dropout,
-                };
+                let opts = attention_opts((h, dh), (&cos, &sin), &lengths, window, dropout);
                 parity(
                     &format!("{dtype:?} tensor-core {name} (B {b}, N {n}, H {h}, Dh {dh})"),
                     &mut rng,
