@@ -51,8 +51,9 @@ done
 nccl=$("$venv/bin/python" -c 'import glob, os, nvidia
 print(sorted(glob.glob(os.path.join(nvidia.__path__[0], "**", "libnccl.so.*"), recursive=True))[0])')
 ln -sf "$(realpath "$nccl")" "$link/libnccl.so"
-driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
-[ -n "$driver_sys" ] || cargo fetch --locked
+# cudarc's sources: fetched first on a machine whose cargo registry is empty
+# (find would fail on the missing directory).
+cargo fetch --locked
 driver_sys=$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -path '*cudarc-0.19.10/src/driver/sys/mod.rs' | head -n 1)
 grep -o '^pub unsafe fn cu[A-Za-z0-9_]*' "$driver_sys" | sed 's/^pub unsafe fn //' | sort -u |
   awk '{ printf "int %s(void) { return 999; }\n", $1 }' > "$link/cuda_stub.c"

@@ -23,9 +23,9 @@
 # LCASR_GPU_HOUR_TORCH=1 runs PyTorch's side of it first.
 # LCASR_GPU_STEP_DTYPES the precisions of part 2 (default "f32"; "f32 bf16"
 # adds autocast on both sides). LCASR_GPU_ATTENTION lists the attention paths
-# lcasr runs parts 2 and 3 with (default "kernel tc"): "kernel" is the fused
-# CUDA-core kernel, "tc" the tensor-core kernels (LCASR_ATTENTION_TC=1;
-# bf16/f16 only, so skipped for f32 steps), a number N is chunked attention
+# lcasr runs parts 2 and 3 with (default "tc kernel"): "tc" the tensor-core
+# kernels (the default for bf16/f16; f32 steps skip it), "kernel" the fused
+# CUDA-core kernel (LCASR_ATTENTION_TC=0), a number N is chunked attention
 # through cuBLAS, N query rows at a time (LCASR_ATTENTION_CHUNK=N;
 # docs/gpu.md), e.g. LCASR_GPU_ATTENTION="tc kernel 1024".
 # Other environment the programs read passes through, e.g.
@@ -46,15 +46,15 @@ want() { case "$steps" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # Runs "$@" once per attention path of LCASR_GPU_ATTENTION.
 each_attention() {
   local path
-  for path in ${LCASR_GPU_ATTENTION:-kernel tc}; do
+  for path in ${LCASR_GPU_ATTENTION:-tc kernel}; do
     if [ "$path" = tc ] && [ "${LCASR_BENCH_DTYPE:-f32}" = f32 ]; then
       echo "-- attention: tc skipped (f32 steps run the CUDA-core kernel)"
       continue
     fi
     echo "-- attention: $path"
     case "$path" in
-      kernel) env -u LCASR_ATTENTION_CHUNK -u LCASR_ATTENTION_TC "$@" ;;
-      tc) env -u LCASR_ATTENTION_CHUNK LCASR_ATTENTION_TC=1 "$@" ;;
+      tc) env -u LCASR_ATTENTION_CHUNK -u LCASR_ATTENTION_TC "$@" ;;
+      kernel) env -u LCASR_ATTENTION_CHUNK LCASR_ATTENTION_TC=0 "$@" ;;
       *) env -u LCASR_ATTENTION_TC LCASR_ATTENTION_CHUNK="$path" "$@" ;;
     esac
   done

@@ -1,6 +1,7 @@
 // CTC loss with a fused log-softmax on the GPU, the CPU kernel's algorithm
 // (kernels/src/ctc.rs) on the device: the forward-backward recursions in log
-// space with f64 values, restricted to the band of lattice states that can
+// space with f64 values (their exp and log in f32, see ctc_exp_le0),
+// restricted to the band of lattice states that can
 // still start and finish a valid alignment; the forward keeps the alpha rows
 // of every K-th frame and the backward recomputes alpha one segment at a time.
 //
@@ -61,11 +62,31 @@ __device__ __forceinline__ CtcItems ctc_items(const int* m, const CtcOffsets& o)
 #define CTC_INF __longlong_as_double(0x7ff0000000000000LL)
 #define CTC_NAN_F __int_as_float(0x7fffffff)
 
-// log(exp(a) + exp(b) + exp(c)).
+// exp(d) for d <= 0 (a log-probability difference, at most rounding above
+// 0), in f32: the values the recursions carry stay f64, but exp and log in
+// f64 are long instruction sequences on the FP64 units, and one item's
+// recursion runs on one SM, one frame after another (at one hour, 45,000
+// frames of 22,501 states each), so they set its speed. The difference is
+// rounded to f32 (relative error 6e-8, which exp turns into a relative
+// error of the result of 6e-8 times |d|). What ctc_lse3 rounds accumulates over the
+// frames: tests/cuda_emu/ctc.cpp's 4,000-frame item ends within 7e-7 of the
+// f64 gradient (8e-8 with f64 exp and log), far inside the f32 gradient's
+// use in training.
+__device__ __forceinline__ double ctc_exp_le0(double d) { return (double)expf((float)d); }
+
+// log(exp(a) + exp(b) + exp(c)) = m + log1p(r), m the maximum (f64) and r
+// the other terms scaled by exp(-m), in [0, 2] (f32, see ctc_exp_le0). r
+// leaves out the maximum's exact 1 so that its rounding is relative to r:
+// where one path dominates, r is small and so is the error added per frame.
 __device__ __forceinline__ double ctc_lse3(double a, double b, double c) {
     const double m = fmax(a, fmax(b, c));
     if (m == CTC_NEG_INF) return m;
-    return m + log(exp(a - m) + exp(b - m) + exp(c - m));
+    // Every term equal to m but the first counts 1.
+    float r = (float)((a == m) + (b == m) + (c == m) - 1);
+    if (a != m) r += expf((float)(a - m));
+    if (b != m) r += expf((float)(b - m));
+    if (c != m) r += expf((float)(c - m));
+    return m + (double)log1pf(r);
 }
 
 // The band of states that lie on some valid alignment at frame t of tb.
@@ -279,7 +300,7 @@ extern "C" __global__ void __launch_bounds__(CTC_ITEM_THREADS) lcasr_ctc_beta(co
                             s + 2 < s_len ? ctc_skip_in(e, s + 2, sh.blank) : CTC_NEG_INF;
                         v = em + ctc_lse3(next[s], next[s + 1], next[s + 2] + skip);
                     }
-                    post = exp(alpha[s + 2] + v - em - logz);
+                    post = ctc_exp_le0(alpha[s + 2] + v - em - logz);
                 }
                 cur[s] = v;
                 if (s < s_len) oc[s] = post;

@@ -56,8 +56,9 @@ pub struct AttentionOptions<'a> {
 /// f32 on the CPU runs the fused kernel here; on a CUDA device (any float
 /// dtype, computed in f32, Dh <= 128) the kernel of `cuda/attention.cu`, or
 /// [`attention_chunked`] when `LCASR_ATTENTION_CHUNK` asks for it, or for
-/// bf16/f16 the tensor-core kernels of `cuda/attention_tc.cu` when
-/// `LCASR_ATTENTION_TC=1` asks for them; anything else the composition
+/// bf16/f16 the tensor-core kernels of `cuda/attention_tc.cu` (unless
+/// `LCASR_ATTENTION_TC=0`; head dims 32, 64, 96, 128 on compute capability
+/// 8.0 or newer, else the CUDA-core kernel); anything else the composition
 /// [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -70,7 +71,7 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
         if qkv.dim(0)? * opts.n_heads > crate::attention_cuda::MAX_ITEM_HEADS {
             return attention_chunked(qkv, opts, CHUNK_ROWS_BEYOND_GRID);
         }
-        if crate::attention_tc_cuda::asked()?
+        if crate::attention_tc_cuda::enabled()?
             && crate::attention_tc_cuda::unsupported(qkv, opts.head_dim)?.is_none()
         {
             return tensor_cores(qkv, opts);
@@ -96,8 +97,8 @@ pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<T
 
 /// [`attention`] of a bf16 or f16 `qkv` on a CUDA device of compute
 /// capability 8.0 or newer, on tensor cores (`cuda/attention_tc.cu`), head
-/// dims 32, 64, 96 or 128; the output in `qkv`'s dtype. What
-/// `LCASR_ATTENTION_TC=1` selects; an error where the kernels do not apply.
+/// dims 32, 64, 96 or 128; the output in `qkv`'s dtype. What [`attention`]
+/// takes for half precision; an error where the kernels do not apply.
 #[cfg(feature = "cuda")]
 pub fn attention_tensor_cores(
     qkv: &Tensor,

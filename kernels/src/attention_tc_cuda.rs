@@ -5,9 +5,10 @@
 //! in f32. Head dims 32, 64, 96 and 128, compute capability 8.0 or newer.
 //! [`crate::attention_cuda`] holds the op; this module launches its kernels.
 //!
-//! Opt-in with `LCASR_ATTENTION_TC=1` until it has run on a GPU: the kernels
-//! are checked on the CPU under an emulation of CUDA (`tests/cuda_emu`,
-//! `tests/cuda_emulated.rs`) and `gpu_parity` holds their GPU check.
+//! The default for half-precision attention on a GPU (verified on an H100 by
+//! `gpu_parity`); `LCASR_ATTENTION_TC=0` selects the CUDA-core kernels
+//! instead. The kernels are also checked on the CPU under an emulation of
+//! CUDA (`tests/cuda_emu`, `tests/cuda_emulated.rs`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig};
@@ -25,15 +26,16 @@ const BLOCK_ROWS: u32 = 64;
 /// Threads per block.
 const THREADS: u32 = 128;
 
-/// Whether `LCASR_ATTENTION_TC=1` asks for tensor cores (where
-/// [`unsupported`] finds nothing against them).
-pub(crate) fn asked() -> Result<bool> {
+/// Whether tensor cores may take half-precision attention (where
+/// [`unsupported`] finds nothing against them): yes unless
+/// `LCASR_ATTENTION_TC=0` turns them off.
+pub(crate) fn enabled() -> Result<bool> {
     match std::env::var("LCASR_ATTENTION_TC") {
-        Err(_) => Ok(false),
+        Err(_) => Ok(true),
         Ok(v) => match v.trim() {
-            "1" => Ok(true),
-            "0" | "" => Ok(false),
-            _ => bail!("LCASR_ATTENTION_TC={v:?}: expected 1 (tensor cores) or 0"),
+            "1" | "" => Ok(true),
+            "0" => Ok(false),
+            _ => bail!("LCASR_ATTENTION_TC={v:?}: expected 1 (tensor cores, the default) or 0"),
         },
     }
 }

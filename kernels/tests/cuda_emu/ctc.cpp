@@ -4,7 +4,7 @@
 // over the whole lattice in double precision: repeated labels, an empty
 // target, an item without frames, an impossible item with and without
 // zero_infinity, a blank other than 0, rows wider than a block, many alpha
-// segments. Prints one line per case; exits 1 if any is out of tolerance.
+// segments, a long item. Prints one line per case; exits 1 if any is out of tolerance.
 // Built and run by kernels/tests/cuda_emulated.rs.
 
 #include "../../cuda/ctc.cu"
@@ -227,6 +227,10 @@ int main() {
         {0, {9}},                             // no frames, a label: impossible
         {44, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10}},
     };
+    // A long item: the recursions' f32 exp/log rounding accumulates over its
+    // frames (ctc.cu, ctc_exp_le0) and must stay inside the tolerance.
+    std::vector<int> long_labels(700);
+    for (size_t i = 0; i < long_labels.size(); ++i) long_labels[i] = 1 + (int)(i * 37 % 59);
     const std::vector<Case> cases = {
         {"mixed items, blank 0", 50, 37, 0, false, mixed},
         {"mixed items, blank 0, zero_infinity", 50, 37, 0, true, mixed},
@@ -236,6 +240,8 @@ int main() {
           {97, {100, 200, 100}}}},
         {"an alignment with no slack (len = min frames)", 9, 6, 0, false,
          {{8, {1, 1, 2, 3, 3, 4}}}},
+        {"4,000 frames, 700 labels (rounding over many frames)", 4000, 60, 0, false,
+         {{4000, long_labels}}},
     };
     bool ok = true;
     uint64_t seed = 42;
