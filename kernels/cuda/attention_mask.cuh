@@ -63,6 +63,17 @@ __device__ __forceinline__ bool att_visible(const AttShape& s, long long len, lo
     return true;
 }
 
+// Whether every query of [i0, i0 + rows) sees every key of [j0, j0 + cols)
+// and no dropout applies: a tile the kernels can take without a per-score
+// mask (inside the item, inside the window).
+__device__ __forceinline__ bool att_tile_plain(const AttShape& s, long long len, long long i0,
+                                               int rows, long long j0, int cols) {
+    if (s.threshold != 0u || i0 + rows > len || j0 + cols > len) return false;
+    if (s.left >= 0 && j0 + s.left < i0 + rows - 1) return false;
+    if (s.right >= 0 && j0 + cols - 1 > i0 + s.right) return false;
+    return true;
+}
+
 // The positions [*lo, *hi) within `back` behind and `ahead` in front (< 0:
 // unbounded) of any of the live rows [r0, r0 + rows) of an item of length
 // len, *lo rounded down to a multiple of `tile`; empty when no row is live.

@@ -38,6 +38,8 @@
 #define TC_FWD_KEYS 64   // keys per tile in the forward
 #define TC_BWD_TILE 32   // keys (dQ) or queries (dK, dV) per tile in the backward
 #define TC_PAD 8         // 16-bit values of padding per shared row
+#define TC_LOG2E 1.4426950408889634f
+#define TC_LN2 0.6931471805599453f
 
 #ifdef LCASR_CUDA_EMU
 #define TC_SHARED alignas(16) static
@@ -273,6 +275,9 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
     const int g = w.g, t = w.t;
     const long long b = w.b, h = w.h, bh = w.bh, len = w.len, base = w.base;
     const long long i0 = w.r0, iw = w.rw;
+    // Scores in base 2 (exp2 is one instruction): m, the running maxima,
+    // too; the log-sum-exp is written in base e.
+    const float scale2 = s.scale * TC_LOG2E;
 
     uint32_t qa[DH / 16][4];
     tc_rows_a<DH>(qa, q + base, iw, len);
@@ -293,35 +298,53 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         __syncthreads();
         float sc[KT / 8][4];
         tc_rows_times<T, DH, KT / 8>(sc, qa, ks, KS);
+        // Warp-uniform: a tile with nothing masked and no dropout skips the
+        // per-score index arithmetic (most tiles of a long item).
+        const bool plain = att_tile_plain(s, len, iw, TC_ROWS, j0, KT);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nb = 0; nb < KT / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int r = tc_row_of(e);
-                const long long i = iw + g + 8 * r;
-                const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                sc[nb][e] = att_visible(s, len, i, j) ? sc[nb][e] * s.scale : -INFINITY;
+                if (plain) {
+                    sc[nb][e] *= scale2;
+                } else {
+                    const long long i = iw + g + 8 * r;
+                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                    sc[nb][e] = att_visible(s, len, i, j) ? sc[nb][e] * scale2 : -INFINITY;
+                }
                 mx[r] = fmaxf(mx[r], sc[nb][e]);
             }
         float corr[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float m_new = fmaxf(m[r], tc_quad_max(mx[r]));
-            corr[r] = m_new == -INFINITY ? 1.0f : expf(m[r] - m_new);
+            corr[r] = m_new == -INFINITY ? 1.0f : exp2f(m[r] - m_new);
             m[r] = m_new;
             l[r] *= corr[r];
         }
+        if (plain) {
 #pragma unroll
-        for (int nb = 0; nb < KT / 8; ++nb)
+            for (int nb = 0; nb < KT / 8; ++nb)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = tc_row_of(e);
-                const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                const float p = sc[nb][e] == -INFINITY ? 0.0f : expf(sc[nb][e] - m[r]);
-                l[r] += p;
-                sc[nb][e] = p * att_keep(rk[r], j, s.threshold, s.keep_scale);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const float p = exp2f(sc[nb][e] - m[tc_row_of(e)]);
+                    l[tc_row_of(e)] += p;
+                    sc[nb][e] = p;
+                }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < KT / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = tc_row_of(e);
+                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                    const float p = sc[nb][e] == -INFINITY ? 0.0f : exp2f(sc[nb][e] - m[r]);
+                    l[r] += p;
+                    sc[nb][e] = p * att_keep(rk[r], j, s.threshold, s.keep_scale);
+                }
+        }
 #pragma unroll
         for (int nb = 0; nb < DH / 8; ++nb)
 #pragma unroll
@@ -339,7 +362,7 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         for (int nb = 0; nb < DH / 8; ++nb)
             *reinterpret_cast<uint32_t*>(out + base + i * DH + nb * 8 + 2 * t) =
                 tc_pack(T::of(o[nb][2 * r] * inv), T::of(o[nb][2 * r + 1] * inv));
-        if (t == 0) lse[bh * s.n + i] = live ? m[r] + logf(sum) : 0.0f;
+        if (t == 0) lse[bh * s.n + i] = live ? (m[r] + log2f(sum)) * TC_LN2 : 0.0f;
     }
 }
 
@@ -380,12 +403,14 @@ __device__ void tc_bwd_dq(const uint16_t* q, const uint16_t* k, const uint16_t* 
     tc_rows_a<DH>(da, dout + base, iw, len);
     float acc[DH / 8][4];
     tc_zero(acc);
+    // Probabilities as exp2(score * scale2 - lse2), the log-sum-exp in base 2.
+    const float scale2 = s.scale * TC_LOG2E;
     float row_lse[2], row_delta[2];
     uint32_t rk[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const long long i = iw + g + 8 * r;
-        row_lse[r] = i < len ? lse[bh * s.n + i] : 0.0f;
+        row_lse[r] = i < len ? lse[bh * s.n + i] * TC_LOG2E : 0.0f;
         row_delta[r] = i < len ? delta[bh * s.n + i] : 0.0f;
         rk[r] = s.threshold ? att_row_key(s.seed, b, h, i) : 0u;
     }
@@ -399,21 +424,32 @@ __device__ void tc_bwd_dq(const uint16_t* q, const uint16_t* k, const uint16_t* 
         float ds[KT / 8][4], dp[KT / 8][4];
         tc_rows_times<T, DH, KT / 8>(ds, qa, ks, RS);  // scores, then dS in place
         tc_rows_times<T, DH, KT / 8>(dp, da, vs, RS);
+        if (att_tile_plain(s, len, iw, TC_ROWS, j0, KT)) {  // warp-uniform, as in the forward
 #pragma unroll
-        for (int nb = 0; nb < KT / 8; ++nb)
+            for (int nb = 0; nb < KT / 8; ++nb)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = tc_row_of(e);
-                const long long i = iw + g + 8 * r;
-                const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                float d = 0.0f;
-                if (att_visible(s, len, i, j)) {
-                    const float p = expf(ds[nb][e] * s.scale - row_lse[r]);
-                    const float z = att_keep(rk[r], j, s.threshold, s.keep_scale);
-                    d = p * (dp[nb][e] * z - row_delta[r]);
+                for (int e = 0; e < 4; ++e) {
+                    const int r = tc_row_of(e);
+                    const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
+                    ds[nb][e] = p * (dp[nb][e] - row_delta[r]);
                 }
-                ds[nb][e] = d;
-            }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < KT / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int r = tc_row_of(e);
+                    const long long i = iw + g + 8 * r;
+                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                    float d = 0.0f;
+                    if (att_visible(s, len, i, j)) {
+                        const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
+                        const float z = att_keep(rk[r], j, s.threshold, s.keep_scale);
+                        d = p * (dp[nb][e] * z - row_delta[r]);
+                    }
+                    ds[nb][e] = d;
+                }
+        }
         tc_weights_times<T, DH, KT / 16>(acc, ds, kt, CS);
     }
 #pragma unroll
@@ -439,13 +475,15 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
     TC_SHARED uint16_t qt[DH * CS];
     TC_SHARED uint16_t dos[QT * RS];
     TC_SHARED uint16_t dot[DH * CS];
-    TC_SHARED float tile_lse[QT];
+    TC_SHARED float tile_lse[QT];  // in base 2
     TC_SHARED float tile_delta[QT];
     TC_SHARED uint32_t tile_rk[QT];
     const TcPlace w = tc_place<DH>(lengths, s);
     const int g = w.g, t = w.t;
     const long long b = w.b, h = w.h, bh = w.bh, len = w.len, base = w.base;
     const long long j0 = w.r0, jw = w.rw;
+    // Probabilities as exp2(score * scale2 - lse2), the log-sum-exp in base 2.
+    const float scale2 = s.scale * TC_LOG2E;
 
     uint32_t ka[DH / 16][4], va[DH / 16][4];
     tc_rows_a<DH>(ka, k + base, jw, len);
@@ -462,7 +500,7 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
         tc_load_tile<DH, QT>(dos, dot, dout + base, q0, len);
         if (threadIdx.x < QT) {
             const long long i = q0 + threadIdx.x;
-            tile_lse[threadIdx.x] = i < len ? lse[bh * s.n + i] : 0.0f;
+            tile_lse[threadIdx.x] = i < len ? lse[bh * s.n + i] * TC_LOG2E : 0.0f;
             tile_delta[threadIdx.x] = i < len ? delta[bh * s.n + i] : 0.0f;
             tile_rk[threadIdx.x] = s.threshold ? att_row_key(s.seed, b, h, i) : 0u;
         }
@@ -470,23 +508,36 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
         float pz[QT / 8][4], ds[QT / 8][4];
         tc_rows_times<T, DH, QT / 8>(ds, ka, qs, RS);  // transposed scores, then dS^T
         tc_rows_times<T, DH, QT / 8>(pz, va, dos, RS);  // dP^T, then (P o Z)^T
+        // Warp-uniform: the warp's 16 keys against the tile's queries.
+        if (att_tile_plain(s, len, q0, QT, jw, TC_ROWS)) {
 #pragma unroll
-        for (int nb = 0; nb < QT / 8; ++nb)
+            for (int nb = 0; nb < QT / 8; ++nb)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const long long j = jw + g + 8 * tc_row_of(e);
-                const int c = nb * 8 + tc_col_of(e, t);
-                const long long i = q0 + c;
-                float p_z = 0.0f, d = 0.0f;
-                if (att_visible(s, len, i, j)) {
-                    const float p = expf(ds[nb][e] * s.scale - tile_lse[c]);
-                    const float z = att_keep(tile_rk[c], j, s.threshold, s.keep_scale);
-                    p_z = p * z;
-                    d = p * (pz[nb][e] * z - tile_delta[c]);
+                for (int e = 0; e < 4; ++e) {
+                    const int c = nb * 8 + tc_col_of(e, t);
+                    const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
+                    ds[nb][e] = p * (pz[nb][e] - tile_delta[c]);
+                    pz[nb][e] = p;
                 }
-                pz[nb][e] = p_z;
-                ds[nb][e] = d;
-            }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < QT / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const long long j = jw + g + 8 * tc_row_of(e);
+                    const int c = nb * 8 + tc_col_of(e, t);
+                    const long long i = q0 + c;
+                    float p_z = 0.0f, d = 0.0f;
+                    if (att_visible(s, len, i, j)) {
+                        const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
+                        const float z = att_keep(tile_rk[c], j, s.threshold, s.keep_scale);
+                        p_z = p * z;
+                        d = p * (pz[nb][e] * z - tile_delta[c]);
+                    }
+                    pz[nb][e] = p_z;
+                    ds[nb][e] = d;
+                }
+        }
         tc_weights_times<T, DH, QT / 16>(gv, pz, dot, CS);
         tc_weights_times<T, DH, QT / 16>(gk, ds, qt, CS);
     }

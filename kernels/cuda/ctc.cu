@@ -69,8 +69,8 @@ __device__ __forceinline__ CtcItems ctc_items(const int* m, const CtcOffsets& o)
 // frames of 22,501 states each), so they set its speed. The difference is
 // rounded to f32 (relative error 6e-8, which exp turns into a relative
 // error of the result of 6e-8 times |d|). What ctc_lse3 rounds accumulates over the
-// frames: tests/cuda_emu/ctc.cpp's 4,000-frame item ends within 7e-7 of the
-// f64 gradient (8e-8 with f64 exp and log), far inside the f32 gradient's
+// frames: tests/cuda_emu/ctc.cpp's 4,500-frame item ends within 6e-7 of the
+// f64 gradient (1e-7 with f64 exp and log), far inside the f32 gradient's
 // use in training.
 __device__ __forceinline__ double ctc_exp_le0(double d) { return (double)expf((float)d); }
 

@@ -311,6 +311,8 @@ int main() {
         {"dh128 window 17/5, dropout 0.1", 1, 3, 130, 128, {130}, 17, 5, 0.1f},
         {"dh96 left-only window, padded", 2, 2, 90, 96, {90, 33}, 40, 0, 0.0f},
         {"dh64 dropout 0.3, 3 key tiles", 1, 2, 200, 64, {187}, -1, -1, 0.3f},
+        // Tiles wholly inside a window take the unmasked path, next to ones it cuts.
+        {"dh32 window 90/60, unmasked tiles", 1, 1, 260, 32, {250}, 90, 60, 0.0f},
     };
     bool ok = true;
     for (const Case& c : cases) {
