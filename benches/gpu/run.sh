@@ -110,7 +110,7 @@ fi
 if want 3; then
   echo "== 3. one hour of audio: 360,000 frames, the reference d768 model, every block checkpointed"
   echo "(lcasr memory predicts 30.4 GiB for this step in bf16, 58.7 GiB in f32; docs/gpu.md)"
-  echo "(measured on an H100 in bf16, 2026-11-27: 32.9 GiB; 7.4 s per step with tensor-core attention,"
+  echo "(measured on an H100 in bf16, 2026-11-27: 32.9 GiB; 7.0 s per step with tensor-core attention,"
   echo " 56 s with the CUDA-core kernel; PyTorch 2.4 s once warm, 30.5 GiB)"
   for dtype in ${LCASR_GPU_HOUR_DTYPES:-f32 bf16}; do
     (
