@@ -1,9 +1,9 @@
 // CTC loss with a fused log-softmax on the GPU, the CPU kernel's algorithm
 // (kernels/src/ctc.rs) on the device: the forward-backward recursions in log
 // space with f64 values (their exp and log in f32, see ctc_exp_le0),
-// restricted to the band of lattice states that can
-// still start and finish a valid alignment; the forward keeps the alpha rows
-// of every K-th frame and the backward recomputes alpha one segment at a time.
+// restricted to the band of lattice states that can still start and finish
+// a valid alignment; the forward keeps the alpha rows of every K-th frame
+// and the backward recomputes alpha one segment at a time.
 //
 // Four kernels per loss, in stream order:
 // - lcasr_ctc_lse:     log-sum-exp of every valid frame (all rows in parallel);
@@ -68,10 +68,10 @@ __device__ __forceinline__ CtcItems ctc_items(const int* m, const CtcOffsets& o)
 // recursion runs on one SM, one frame after another (at one hour, 45,000
 // frames of 22,501 states each), so they set its speed. The difference is
 // rounded to f32 (relative error 6e-8, which exp turns into a relative
-// error of the result of 6e-8 times |d|). What ctc_lse3 rounds accumulates over the
-// frames: tests/cuda_emu/ctc.cpp's 4,500-frame item ends within 6e-7 of the
-// f64 gradient (1e-7 with f64 exp and log), far inside the f32 gradient's
-// use in training.
+// error of the result of 6e-8 times |d|). What ctc_lse3 rounds accumulates
+// over the frames: tests/cuda_emu/ctc.cpp's 4,500-frame item ends within
+// 6e-7 of the f64 gradient (1e-7 with f64 exp and log), far inside the f32
+// gradient's use in training.
 __device__ __forceinline__ double ctc_exp_le0(double d) { return (double)expf((float)d); }
 
 // log(exp(a) + exp(b) + exp(c)) = m + log1p(r), m the maximum (f64) and r
