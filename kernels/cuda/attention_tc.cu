@@ -138,13 +138,20 @@ __device__ __forceinline__ void tc_rows_a(uint32_t (&a)[DH / 16][4], const uint1
     }
 }
 
-// Zeroes N accumulator fragments.
-template <int N>
-__device__ __forceinline__ void tc_zero(float (&acc)[N][4]) {
+// f(nb, e) for value e of each of N accumulator fragments (n-tiles), fully
+// unrolled so that the fragments stay in registers.
+template <int N, typename F>
+__device__ __forceinline__ void tc_each(F&& f) {
 #pragma unroll
     for (int nb = 0; nb < N; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[nb][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) f(nb, e);
+}
+
+// Zeroes N accumulator fragments.
+template <int N>
+__device__ __forceinline__ void tc_zero(float (&acc)[N][4]) {
+    tc_each<N>([&](int nb, int e) { acc[nb][e] = 0.0f; });
 }
 
 // acc[nb] = A * B^T for the NB n-tiles of a shared row-major matrix `m`
@@ -302,20 +309,17 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
         // per-score index arithmetic (most tiles of a long item).
         const bool plain = att_tile_plain(s, len, iw, TC_ROWS, j0, KT);
         float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-        for (int nb = 0; nb < KT / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int r = tc_row_of(e);
-                if (plain) {
-                    sc[nb][e] *= scale2;
-                } else {
-                    const long long i = iw + g + 8 * r;
-                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                    sc[nb][e] = att_visible(s, len, i, j) ? sc[nb][e] * scale2 : -INFINITY;
-                }
-                mx[r] = fmaxf(mx[r], sc[nb][e]);
+        tc_each<KT / 8>([&](int nb, int e) {
+            const int r = tc_row_of(e);
+            if (plain) {
+                sc[nb][e] *= scale2;
+            } else {
+                const long long i = iw + g + 8 * r;
+                const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                sc[nb][e] = att_visible(s, len, i, j) ? sc[nb][e] * scale2 : -INFINITY;
             }
+            mx[r] = fmaxf(mx[r], sc[nb][e]);
+        });
         float corr[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -325,30 +329,21 @@ __device__ void tc_fwd(const uint16_t* q, const uint16_t* k, const uint16_t* v,
             l[r] *= corr[r];
         }
         if (plain) {
-#pragma unroll
-            for (int nb = 0; nb < KT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = exp2f(sc[nb][e] - m[tc_row_of(e)]);
-                    l[tc_row_of(e)] += p;
-                    sc[nb][e] = p;
-                }
+            tc_each<KT / 8>([&](int nb, int e) {
+                const float p = exp2f(sc[nb][e] - m[tc_row_of(e)]);
+                l[tc_row_of(e)] += p;
+                sc[nb][e] = p;
+            });
         } else {
-#pragma unroll
-            for (int nb = 0; nb < KT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = tc_row_of(e);
-                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                    const float p = sc[nb][e] == -INFINITY ? 0.0f : exp2f(sc[nb][e] - m[r]);
-                    l[r] += p;
-                    sc[nb][e] = p * att_keep(rk[r], j, s.threshold, s.keep_scale);
-                }
+            tc_each<KT / 8>([&](int nb, int e) {
+                const int r = tc_row_of(e);
+                const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                const float p = sc[nb][e] == -INFINITY ? 0.0f : exp2f(sc[nb][e] - m[r]);
+                l[r] += p;
+                sc[nb][e] = p * att_keep(rk[r], j, s.threshold, s.keep_scale);
+            });
         }
-#pragma unroll
-        for (int nb = 0; nb < DH / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) o[nb][e] *= corr[tc_row_of(e)];
+        tc_each<DH / 8>([&](int nb, int e) { o[nb][e] *= corr[tc_row_of(e)]; });
         tc_weights_times<T, DH, KT / 16>(o, sc, vt, VS);
     }
 #pragma unroll
@@ -425,30 +420,24 @@ __device__ void tc_bwd_dq(const uint16_t* q, const uint16_t* k, const uint16_t* 
         tc_rows_times<T, DH, KT / 8>(ds, qa, ks, RS);  // scores, then dS in place
         tc_rows_times<T, DH, KT / 8>(dp, da, vs, RS);
         if (att_tile_plain(s, len, iw, TC_ROWS, j0, KT)) {  // warp-uniform, as in the forward
-#pragma unroll
-            for (int nb = 0; nb < KT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = tc_row_of(e);
-                    const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
-                    ds[nb][e] = p * (dp[nb][e] - row_delta[r]);
-                }
+            tc_each<KT / 8>([&](int nb, int e) {
+                const int r = tc_row_of(e);
+                const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
+                ds[nb][e] = p * (dp[nb][e] - row_delta[r]);
+            });
         } else {
-#pragma unroll
-            for (int nb = 0; nb < KT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int r = tc_row_of(e);
-                    const long long i = iw + g + 8 * r;
-                    const long long j = j0 + nb * 8 + tc_col_of(e, t);
-                    float d = 0.0f;
-                    if (att_visible(s, len, i, j)) {
-                        const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
-                        const float z = att_keep(rk[r], j, s.threshold, s.keep_scale);
-                        d = p * (dp[nb][e] * z - row_delta[r]);
-                    }
-                    ds[nb][e] = d;
+            tc_each<KT / 8>([&](int nb, int e) {
+                const int r = tc_row_of(e);
+                const long long i = iw + g + 8 * r;
+                const long long j = j0 + nb * 8 + tc_col_of(e, t);
+                float d = 0.0f;
+                if (att_visible(s, len, i, j)) {
+                    const float p = exp2f(ds[nb][e] * scale2 - row_lse[r]);
+                    const float z = att_keep(rk[r], j, s.threshold, s.keep_scale);
+                    d = p * (dp[nb][e] * z - row_delta[r]);
                 }
+                ds[nb][e] = d;
+            });
         }
         tc_weights_times<T, DH, KT / 16>(acc, ds, kt, CS);
     }
@@ -510,33 +499,27 @@ __device__ void tc_bwd_dkv(const uint16_t* q, const uint16_t* k, const uint16_t*
         tc_rows_times<T, DH, QT / 8>(pz, va, dos, RS);  // dP^T, then (P o Z)^T
         // Warp-uniform: the warp's 16 keys against the tile's queries.
         if (att_tile_plain(s, len, q0, QT, jw, TC_ROWS)) {
-#pragma unroll
-            for (int nb = 0; nb < QT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = nb * 8 + tc_col_of(e, t);
-                    const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
-                    ds[nb][e] = p * (pz[nb][e] - tile_delta[c]);
-                    pz[nb][e] = p;
-                }
+            tc_each<QT / 8>([&](int nb, int e) {
+                const int c = nb * 8 + tc_col_of(e, t);
+                const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
+                ds[nb][e] = p * (pz[nb][e] - tile_delta[c]);
+                pz[nb][e] = p;
+            });
         } else {
-#pragma unroll
-            for (int nb = 0; nb < QT / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const long long j = jw + g + 8 * tc_row_of(e);
-                    const int c = nb * 8 + tc_col_of(e, t);
-                    const long long i = q0 + c;
-                    float p_z = 0.0f, d = 0.0f;
-                    if (att_visible(s, len, i, j)) {
-                        const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
-                        const float z = att_keep(tile_rk[c], j, s.threshold, s.keep_scale);
-                        p_z = p * z;
-                        d = p * (pz[nb][e] * z - tile_delta[c]);
-                    }
-                    pz[nb][e] = p_z;
-                    ds[nb][e] = d;
+            tc_each<QT / 8>([&](int nb, int e) {
+                const long long j = jw + g + 8 * tc_row_of(e);
+                const int c = nb * 8 + tc_col_of(e, t);
+                const long long i = q0 + c;
+                float p_z = 0.0f, d = 0.0f;
+                if (att_visible(s, len, i, j)) {
+                    const float p = exp2f(ds[nb][e] * scale2 - tile_lse[c]);
+                    const float z = att_keep(tile_rk[c], j, s.threshold, s.keep_scale);
+                    p_z = p * z;
+                    d = p * (pz[nb][e] * z - tile_delta[c]);
                 }
+                pz[nb][e] = p_z;
+                ds[nb][e] = d;
+            });
         }
         tc_weights_times<T, DH, QT / 16>(gv, pz, dot, CS);
         tc_weights_times<T, DH, QT / 16>(gk, ds, qt, CS);
