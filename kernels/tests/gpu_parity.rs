@@ -31,6 +31,11 @@ fn gpu() -> Device {
     Device::new_cuda(0).expect("a CUDA GPU: run this test through benches/gpu/run.sh")
 }
 
+/// The half types the kernels take, each with the tolerance of its checks
+/// against f32 on the same rounded inputs: a few ulps of the type, relative
+/// to the largest value.
+const HALF_TYPES: [(DType, f32); 2] = [(DType::BF16, 3e-2), (DType::F16, 1e-2)];
+
 /// Runs `op` on `inputs` on the CPU and on a copy on the GPU; the outputs and
 /// the gradients of `(out * probe).sum()` for every input must agree.
 fn parity(
@@ -229,7 +234,7 @@ fn half_conv(
 #[test]
 fn glu_and_norms_in_half_precision() {
     let mut rng = Rng::new(7);
-    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+    for (dtype, tol) in HALF_TYPES {
         // Rows shorter and longer than a block, more rows than the
         // backward's 512 blocks.
         for dims in [[3, 7, 10], [2, 300, 512]] {
@@ -265,7 +270,7 @@ fn glu_and_norms_in_half_precision() {
 #[test]
 fn softmax_in_half_precision() {
     let mut rng = Rng::new(12);
-    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+    for (dtype, tol) in HALF_TYPES {
         // A row shorter than a block and a vocabulary-sized one.
         for dims in [[3, 7, 10], [2, 5, 4097]] {
             let x = rng.tensor(&dims, -8.0, 8.0);
@@ -293,8 +298,7 @@ fn softmax_in_half_precision() {
 #[test]
 fn convolutions_in_half_precision() {
     let mut rng = Rng::new(6);
-    // A few ulps of the half type, relative to the largest value.
-    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+    for (dtype, tol) in HALF_TYPES {
         for (dims, k) in [([2, 37, 24], 9), ([1, 700, 40], 31)] {
             let x = rng.tensor(&dims, -1.0, 1.0);
             let w = rng.tensor(&[dims[2], k], -0.5, 0.5);
@@ -446,7 +450,7 @@ fn batch_renorm_synchronised_and_half() {
         );
         // Half precision with synchronised statistics: converted around
         // the f32 kernels (without a reducer it runs the composition).
-        for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        for (dtype, tol) in HALF_TYPES {
             parity(
                 &format!("{dtype:?} batch_renorm synchronised"),
                 &mut rng,
@@ -540,7 +544,7 @@ fn attention_with_rotary_padding_windows_and_dropout() {
 #[test]
 fn attention_on_tensor_cores() {
     let mut rng = Rng::new(11);
-    for (dtype, tol) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+    for (dtype, tol) in HALF_TYPES {
         for (b, n, h, dh, lengths) in [
             (2, 70, 2, 32, vec![70, 41]),
             (1, 200, 2, 64, vec![187]),
