@@ -189,6 +189,19 @@ struct ModelArgs {
     /// `--features cuda`).
     #[arg(long, value_name = "DEVICE", default_value = "cpu")]
     device: String,
+    /// The compute dtype: float32, or bfloat16/float16 mixed precision on a
+    /// GPU (as in training: attention on tensor cores, or candle-flash-attn in
+    /// a `--features flash-attn` build).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::Float32)]
+    dtype: ComputeDtype,
+}
+
+/// The compute dtype of inference (`--dtype`).
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ComputeDtype {
+    Float32,
+    Bfloat16,
+    Float16,
 }
 
 /// How much of a recording the model sees at once.
@@ -546,7 +559,7 @@ fn eval(args: &EvalArgs) -> ExitCode {
     let contexts: Vec<ContextOptions> = args
         .context
         .iter()
-        .map(|c| args.longform.options(c.0))
+        .map(|c| args.longform.options(c.0, &args.model))
         .collect();
     let result = args.model.load(&args.checkpoint).and_then(|model| {
         let report = evaluate(&model, &args.manifest, &contexts, true)?;
@@ -589,7 +602,7 @@ fn transcribe(args: &TranscribeArgs) -> ExitCode {
 fn transcribe_files(args: &TranscribeArgs) -> anyhow::Result<()> {
     use lcasr::infer::transcribe::{output_paths, transcribe_with_progress};
 
-    let opts = args.longform.options(args.context.0);
+    let opts = args.longform.options(args.context.0, &args.model);
     let outputs = match (&args.out, args.format) {
         (None, TranscriptFormat::Text) => None,
         (out, format) => {
@@ -667,12 +680,18 @@ impl ModelArgs {
 }
 
 impl LongformArgs {
-    /// The context options for a window of `window` frames.
-    fn options(&self, window: Option<usize>) -> ContextOptions {
+    /// The context options for a window of `window` frames, in `model`'s
+    /// compute dtype.
+    fn options(&self, window: Option<usize>, model: &ModelArgs) -> ContextOptions {
         ContextOptions {
             window,
             overlap: self.overlap,
             mode: self.mode,
+            compute_dtype: match model.dtype {
+                ComputeDtype::Float32 => None,
+                ComputeDtype::Bfloat16 => Some(candle_core::DType::BF16),
+                ComputeDtype::Float16 => Some(candle_core::DType::F16),
+            },
         }
     }
 }

@@ -389,6 +389,19 @@ fn long_windows_equal_the_whole_recording() {
 }
 
 #[test]
+fn half_precision_inference_on_the_cpu_is_refused() {
+    let tok = tokenizer();
+    let model = tiny_model(&tok, 8);
+    let features = random_features(100, 3);
+    let opts = ContextOptions {
+        compute_dtype: Some(candle_core::DType::BF16),
+        ..Default::default()
+    };
+    let err = log_probs(&model, &features, &opts).unwrap_err().to_string();
+    assert!(err.contains("needs a GPU"), "{err}");
+}
+
+#[test]
 fn non_overlapping_windows_are_separate_forward_passes() {
     let tok = tokenizer();
     let model = tiny_model(&tok, 8);
@@ -397,6 +410,7 @@ fn non_overlapping_windows_are_separate_forward_passes() {
         window: Some(96),
         overlap: 0.0,
         mode: LongformMode::AveragedMovingWindow,
+        compute_dtype: None,
     };
     let got = rows(&log_probs(&model, &features, &opts).unwrap());
     // Windows [0,96) [96,192) [192,288) [288,300), each run on its own.
@@ -583,6 +597,7 @@ fn evaluate_scores_a_prepared_manifest_at_several_contexts() {
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["per_context"][0]["context_frames"], 64);
     assert_eq!(json["per_context"][1]["mode"], "buffered");
+    assert_eq!(json["per_context"][1]["dtype"], "float32");
     assert!(json["per_context"][2]["context_frames"].is_null());
     assert_eq!(
         json["per_context"][1]["utterances"][1]["ref_words"],

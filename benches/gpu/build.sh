@@ -2,9 +2,11 @@
 # Builds, on a machine without a GPU, what benches/gpu/run.sh runs on a CUDA
 # machine that has neither a Rust toolchain nor a network: the GPU parity test
 # of lcasr-kernels, the training-side GPU test (tests/gpu_training.rs) and the
-# train-step benchmark, built with `--features cuda`, and the lcasr CLI, built with `--features nccl` (CUDA and `--gpus`),
-# stripped and xz-compressed in target/gpu-bundle (about 32 MB: with the
-# repository it fits the device tool's 64 MiB; carry that folder).
+# train-step benchmark, built with `--features cuda` (the parity test with
+# `flash-attn`: candle-flash-attn's forward too), and the lcasr CLI, built with
+# `--features nccl` (CUDA and `--gpus`), stripped and xz-compressed in
+# target/gpu-bundle (about 33 MB: with the repository it fits the device
+# tool's 64 MiB; carry that folder).
 #
 # What the build needs and where it comes from:
 # - nvcc, its headers and CCCL (candle-kernels compiles its .cu files to PTX):
@@ -16,6 +18,14 @@
 #   their sonames match the copies in the GPU machine's PyTorch environment.
 # - NCCL to link the CLI against: the nvidia-nccl-cu13 wheel (soname
 #   libnccl.so.2, which the GPU machine's PyTorch environment also has).
+# - For the `flash-attn` parity binary: CUTLASS's headers (candle-flash-attn's
+#   build fetches a pinned CUTLASS commit from GitHub, which this machine cannot
+#   reach): the nvidia-cutlass 3.5.0.0 wheel from PyPI carries them, placed
+#   where cudaforge keeps its checkout (CUDAFORGE_HOME) under the pinned
+#   commit's name (benches/gpu/flash_cutlass.sh). Only the kernels
+#   flash_nvcc.sh keeps are compiled (head dims 32 and 128, bf16 and f16; with
+#   the stubs about 20 minutes on 2 cores the first time, kept in
+#   target/flash-attn-restricted after).
 # - libcuda, the driver library, exists only where a driver is installed. The
 #   link gets a stub with the soname libcuda.so.1 that defines every driver
 #   function cudarc declares; at run time the real driver library is loaded.
@@ -66,6 +76,10 @@ export CARGO_TARGET_DIR=target/gpu-build
 export RUSTFLAGS="-L native=$PWD/$link"
 export LIBRARY_PATH="$PWD/$link"
 
+# CUTLASS for candle-flash-attn, under the commit its build.rs pins.
+source benches/gpu/flash_cutlass.sh
+flash_cutlass_prepare "$venv/bin/pip"
+
 echo "== cargo build --release --features cuda (parity tests, train-step benchmark)"
 # The path of executable target $1, from cargo's own report of what it built
 # (building a test or bench builds the package's binaries too).
@@ -77,7 +91,12 @@ for line in sys.stdin:
             and m["target"]["name"] == sys.argv[1]:
         print(m["executable"])' "$1" | tail -n 1
 }
-parity=$(cargo test --locked --release --features cuda -p lcasr-kernels --test gpu_parity \
+# The parity test with candle-flash-attn, restricted to the kernels it checks
+# (benches/gpu/flash_nvcc.sh); its objects in a directory of their own.
+mkdir -p target/flash-attn-restricted
+parity=$(CANDLE_FLASH_ATTN_BUILD_DIR=$PWD/target/flash-attn-restricted \
+  NVCC=$PWD/benches/gpu/flash_nvcc.sh \
+  cargo test --locked --release --features flash-attn -p lcasr-kernels --test gpu_parity \
   --no-run --message-format=json | executable gpu_parity)
 training=$(cargo test --locked --release --features cuda --test gpu_training \
   --no-run --message-format=json | executable gpu_training)

@@ -2,7 +2,9 @@
 # On a CUDA machine with PyTorch (the workplace's GPU machines: no Rust, no
 # network), runs what benches/gpu/build.sh bundled:
 #   1. every fused op on the GPU against the same op on the CPU, forward and
-#      gradients (kernels/tests/gpu_parity.rs), and the optimizers, gradient
+#      gradients (kernels/tests/gpu_parity.rs, built with `flash-attn`: also
+#      candle-flash-attn's forward, and its speed against our tensor-core
+#      kernel at one hour), and the optimizers, gradient
 #      norm and finiteness check on the GPU against the CPU
 #      (tests/gpu_training.rs);
 #   2. the train-step benchmark of the 6-layer d256 model (benches/model_step.rs)
@@ -11,7 +13,8 @@
 #   3. one training step of the reference d768 model on one hour of audio
 #      (issue #10's memory target), with its peak GPU memory and the memory
 #      trace of its backward (LCASR_MEMORY_TRACE=1, docs/gpu.md);
-#   4. the demo training job (demo.sh's steps) with `--device cuda:0`;
+#   4. the demo training job (demo.sh's steps) with `--device cuda:0`, and
+#      its evaluation on the GPU in float32 and in bfloat16 (`--dtype`);
 #   5. the demo job data-parallel over every GPU of the machine (`--gpus N`,
 #      NCCL; one GPU still runs the NCCL path), against part 4's losses.
 # Usage: benches/gpu/run.sh [BUNDLE_DIR] (default target/gpu-bundle). Results
@@ -141,6 +144,13 @@ if want 4; then
   prepare_demo &&
     timeout 240 "$lcasr" train configs/demo.yaml --force --device cuda:0 training.max_epochs=3
   echo "demo training exit status: $?"
+  # Inference in f32 and in bf16 (`--dtype`, mixed precision as in training)
+  # on the held-out set: the WERs should be close.
+  for dtype in float32 bfloat16; do
+    timeout 120 "$lcasr" eval runs/demo runs/demo-data/heldout/manifest.json --device cuda:0 \
+      --dtype "$dtype" --context full,2s --out "runs/demo/eval-gpu-$dtype"
+    echo "demo eval --dtype $dtype exit status: $?"
+  done
 fi
 
 if want 5; then

@@ -255,7 +255,10 @@ extern "C" __global__ void lcasr_ctc_softmax(const float* x, const double* lse, 
 // Subtracts scale * posterior of each label from the gradient rows of item b
 // (after lcasr_ctc_softmax). rows: 2 * w doubles per item (beta); seg: k * w
 // per item (the recomputed alpha rows of a segment); occ: w per item.
-extern "C" __global__ void __launch_bounds__(CTC_ITEM_THREADS) lcasr_ctc_beta(const float* x, const double* lse, const double* ckpt,
+// One block per SM is declared: without it ptxas aims at two resident blocks,
+// caps the kernel at 32 registers and spills (24 bytes per thread at sm_90);
+// with it the kernel takes 64 registers and spills nothing.
+extern "C" __global__ void __launch_bounds__(CTC_ITEM_THREADS, 1) lcasr_ctc_beta(const float* x, const double* lse, const double* ckpt,
                                           double* rows, double* seg, double* occ,
                                           const double* nll, const double* scale, float* grad,
                                           const int* meta, CtcOffsets offs, CtcShape sh) {

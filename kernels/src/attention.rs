@@ -45,6 +45,11 @@ pub struct AttentionOptions<'a> {
     /// Dropout on the attention probabilities (training only): (p, seed). The mask is a
     /// counter-based hash of (seed, b, h, i, j), regenerated in backward.
     pub dropout: Option<(f32, u64)>,
+    /// No gradient will be taken through this call (inference). In a
+    /// `flash-attn` build, bf16/f16 on a CUDA device then run on
+    /// candle-flash-attn (`LCASR_FLASH_ATTN=0` opts out); its output cannot
+    /// be differentiated.
+    pub forward_only: bool,
 }
 
 /// Multi-head self-attention on the interleaved qkv projection output.
@@ -58,13 +63,21 @@ pub struct AttentionOptions<'a> {
 /// [`attention_chunked`] when `LCASR_ATTENTION_CHUNK` asks for it, or for
 /// bf16/f16 the tensor-core kernels of `cuda/attention_tc.cu` (unless
 /// `LCASR_ATTENTION_TC=0`; head dims 32, 64, 96, 128 on compute capability
-/// 8.0 or newer, else the CUDA-core kernel); anything else the composition
-/// [`crate::composed::attention`].
+/// 8.0 or newer, else the CUDA-core kernel), or, for a forward-only call in a
+/// `flash-attn` build, candle-flash-attn (see [`attention_flash`]); anything
+/// else the composition [`crate::composed::attention`].
 pub fn attention(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda_kernels(qkv) {
         if let Some(rows) = chunk_rows_from_env()? {
             return attention_chunked(qkv, opts, rows);
+        }
+        #[cfg(feature = "flash-attn")]
+        if crate::attention_flash::enabled()?
+            && crate::attention_flash::unsupported(qkv, opts)?.is_none()
+        {
+            Problem::new(qkv, opts)?;
+            return crate::attention_flash::attention(qkv, opts);
         }
         // The kernels take one (item, head) per grid row: at most 65,535
         // (many short items; the chunked path has no such bound).
@@ -115,6 +128,19 @@ pub fn attention_tensor_cores(
         );
     }
     tensor_cores(qkv, opts)
+}
+
+/// [`attention`] on candle-flash-attn (feature `flash-attn`): a forward-only
+/// call ([`AttentionOptions::forward_only`]) without dropout, bf16 or f16 on
+/// a CUDA device of compute capability 8.0 or newer, head dim a multiple of 8
+/// up to 256; the output in `qkv`'s dtype. An error where it does not apply.
+#[cfg(feature = "flash-attn")]
+pub fn attention_flash(qkv: &Tensor, opts: &AttentionOptions) -> candle_core::Result<Tensor> {
+    if let Some(why) = crate::attention_flash::unsupported(qkv, opts)? {
+        bail!("{why}");
+    }
+    Problem::new(qkv, opts)?;
+    crate::attention_flash::attention(qkv, opts)
 }
 
 /// [`attention_tensor_cores`] once its conditions are known to hold.

@@ -30,14 +30,7 @@ const THREADS: u32 = 128;
 /// [`unsupported`] finds nothing against them): yes unless
 /// `LCASR_ATTENTION_TC=0` turns them off.
 pub(crate) fn enabled() -> Result<bool> {
-    match std::env::var("LCASR_ATTENTION_TC") {
-        Err(_) => Ok(true),
-        Ok(v) => match v.trim() {
-            "1" | "" => Ok(true),
-            "0" => Ok(false),
-            _ => bail!("LCASR_ATTENTION_TC={v:?}: expected 1 (tensor cores, the default) or 0"),
-        },
-    }
+    crate::cuda::env_switch("LCASR_ATTENTION_TC", "tensor cores")
 }
 
 /// Why the kernels cannot take `qkv` with `head_dim`, if they cannot.
@@ -61,7 +54,7 @@ pub(crate) fn unsupported(qkv: &Tensor, head_dim: usize) -> Result<Option<String
 
 /// Whether `t` is on a CUDA device of compute capability 8.0 or newer (the
 /// bf16 `mma.sync` shapes the kernels use).
-fn sm80_or_newer(t: &Tensor) -> Result<bool> {
+pub(crate) fn sm80_or_newer(t: &Tensor) -> Result<bool> {
     let Device::Cuda(dev) = t.device() else {
         return Ok(false);
     };

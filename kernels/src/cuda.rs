@@ -71,6 +71,20 @@ impl Module {
     }
 }
 
+/// An on/off switch in the environment: `name` unset, empty or `1` is on
+/// (the default), `0` off; anything else an error naming the variable and
+/// saying that 1 turns `what` on.
+pub(crate) fn env_switch(name: &str, what: &str) -> Result<bool> {
+    match std::env::var(name) {
+        Err(_) => Ok(true),
+        Ok(v) => match v.trim() {
+            "1" | "" => Ok(true),
+            "0" => Ok(false),
+            _ => bail!("{name}={v:?}: expected 1 ({what}, the default) or 0"),
+        },
+    }
+}
+
 /// The contiguous `T` values of `s` described by `l`.
 pub(crate) fn view<'a, T: CudaDType>(
     s: &'a CudaStorage,

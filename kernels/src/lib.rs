@@ -10,6 +10,8 @@ pub mod activation;
 pub mod attention;
 #[cfg(feature = "cuda")]
 mod attention_cuda;
+#[cfg(feature = "flash-attn")]
+mod attention_flash;
 #[cfg(feature = "cuda")]
 mod attention_tc_cuda;
 pub mod backward;

@@ -65,6 +65,7 @@ fn compare(c: &Case, seed: u64) -> Result<(f32, f32)> {
         window_left: c.left,
         window_right: c.right,
         dropout: c.dropout,
+        ..Default::default()
     };
     let out = attention(qkv.as_tensor(), &opts)?;
     let grad = (&out * &w)?.sum_all()?.backward()?;

@@ -31,6 +31,7 @@ fn chunked_attention_matches_the_fused_kernel() {
             window_left: window.map(|w: (usize, usize)| w.0),
             window_right: window.map(|w| w.1),
             dropout,
+            ..Default::default()
         };
         let qkv = rng.var(&[b, n, 3 * h * dh], -1.5, 1.5);
         let want = attention(qkv.as_tensor(), &opts).unwrap();
@@ -60,6 +61,7 @@ fn chunked_attention_matches_the_fused_kernel() {
         window_left: Some(6),
         window_right: None,
         dropout: Some((0.3, 5)),
+        ..Default::default()
     };
     let rounded = rng
         .tensor(&[b, n, 3 * h * dh], -1.5, 1.5)

@@ -12,6 +12,8 @@ use std::rc::Rc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use lcasr_kernels::activation::{gelu_tanh, silu};
+#[cfg(feature = "flash-attn")]
+use lcasr_kernels::attention::attention_flash;
 use lcasr_kernels::attention::{
     attention, attention_chunked, attention_tensor_cores, AttentionOptions,
 };
@@ -483,6 +485,7 @@ fn attention_opts<'a>(
         window_left: window.map(|w| w.0),
         window_right: window.map(|w| w.1),
         dropout,
+        ..Default::default()
     }
 }
 
@@ -580,6 +583,118 @@ fn attention_on_tensor_cores() {
                 );
             }
         }
+    }
+}
+
+/// The forward of inference on candle-flash-attn (feature `flash-attn`),
+/// bf16 and f16, against the CPU kernel in f32 on the same rounded inputs:
+/// head dims 32 and 128 (the kernels `benches/gpu/build.sh` compiles), full
+/// batches (the crate's batched call) and padded ones (packed variable-length
+/// sequences), windows. [`attention`] of a forward-only call must take this
+/// path: its result equals [`attention_flash`]'s.
+#[cfg(feature = "flash-attn")]
+#[test]
+fn attention_forward_on_flash_attn() {
+    let mut rng = Rng::new(12);
+    let dev = gpu();
+    for (dtype, tol) in HALF_TYPES {
+        for (b, n, h, dh, lengths) in [
+            (2, 70, 2, 32, vec![70, 70]),
+            (3, 150, 2, 32, vec![150, 41, 97]),
+            (1, 300, 3, 128, vec![300]),
+            (2, 130, 2, 128, vec![57, 130]),
+        ] {
+            let qkv = rng.tensor(&[b, n, 3 * h * dh], -1.5, 1.5);
+            let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+            for (name, window) in [
+                ("attention", None),
+                ("attention window 17/5", Some((17, 5))),
+                ("attention window 40/0", Some((40, 0))),
+                ("attention window 500/500", Some((500, 500))),
+            ] {
+                let what = format!("{dtype:?} flash {name} (B {b}, N {n}, H {h}, Dh {dh})");
+                let opts = AttentionOptions {
+                    forward_only: true,
+                    ..attention_opts((h, dh), (&cos, &sin), &lengths, window, None)
+                };
+                let rounded = qkv.to_dtype(dtype).unwrap();
+                let want = attention(&rounded.to_dtype(DType::F32).unwrap(), &opts)
+                    .and_then(|y| y.to_dtype(dtype)?.to_dtype(DType::F32))
+                    .unwrap();
+                let on_gpu = rounded.to_device(&dev).unwrap();
+                let got = attention_flash(&on_gpu, &opts).unwrap();
+                assert_eq!(got.dtype(), dtype, "{what}: the dtype changed");
+                let host = |t: Tensor| {
+                    t.to_dtype(DType::F32)
+                        .and_then(|t| t.to_device(&Device::Cpu))
+                        .unwrap()
+                };
+                let got = host(got);
+                assert_close(&what, &got, &want, tol);
+                let routed = host(attention(&on_gpu, &opts).unwrap());
+                let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap();
+                assert!(
+                    values(&routed) == values(&got),
+                    "{what}: attention() did not take flash attention"
+                );
+            }
+        }
+    }
+}
+
+/// One hour of audio at the reference's d768 (45,000 frames after 8x
+/// subsampling, 6 heads of 128) and a d256 batch (8 x 512 frames, 8 heads
+/// of 32), bf16: flash attention's forward against the tensor-core kernel's
+/// on the same input (outputs within bf16 tolerance), and both timed
+/// (printed, not asserted; BENCHMARKS.md records them).
+#[cfg(feature = "flash-attn")]
+#[test]
+fn flash_attn_forward_against_tensor_cores_at_length() {
+    let dev = gpu();
+    let mut rng = Rng::new(13);
+    for (b, n, h, dh) in [(1, 45_000, 6, 128), (8, 512, 8, 32)] {
+        let (cos, sin) = rotary_tables(&inv_freq(10_000.0, dh), n, 1.0);
+        let qkv = rng
+            .tensor(&[b, n, 3 * h * dh], -1.5, 1.5)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .to_device(&dev)
+            .unwrap();
+        let opts = AttentionOptions {
+            n_heads: h,
+            head_dim: dh,
+            rotary: Some((&cos[..], &sin[..])),
+            forward_only: true,
+            ..Default::default()
+        };
+        let time = |op: &dyn Fn() -> Result<Tensor>| -> (Tensor, f64) {
+            let mut best = f64::INFINITY;
+            let mut out = op().unwrap();
+            for _ in 0..5 {
+                dev.synchronize().unwrap();
+                let t0 = std::time::Instant::now();
+                out = op().unwrap();
+                dev.synchronize().unwrap();
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            (out, best)
+        };
+        let (flash, t_flash) = time(&|| attention_flash(&qkv, &opts));
+        let (tc, t_tc) = time(&|| attention_tensor_cores(&qkv, &opts));
+        let f32_host = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+        let what = format!("flash vs tensor cores (B {b}, N {n}, H {h}, Dh {dh})");
+        assert_close(
+            &what,
+            &f32_host(&flash).unwrap(),
+            &f32_host(&tc).unwrap(),
+            3e-2,
+        );
+        println!(
+            "timing (printed, not asserted) {what}: forward flash {:.2} ms, tensor cores {:.2} ms ({:.2}x)",
+            t_flash * 1e3,
+            t_tc * 1e3,
+            t_tc / t_flash
+        );
     }
 }
 

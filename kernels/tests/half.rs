@@ -198,6 +198,7 @@ fn attention_in_narrow_types() {
         window_left: Some(9),
         window_right: Some(4),
         dropout: Some((0.1, 5)),
+        ..Default::default()
     };
     narrow_matches_f32(
         "attention",

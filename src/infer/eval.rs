@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::load::LoadedModel;
@@ -59,6 +59,8 @@ pub struct ContextResult {
     pub overlap: f64,
     /// How windows were merged.
     pub mode: LongformMode,
+    /// The compute dtype of the forward (`float32`, `bfloat16`, `float16`).
+    pub dtype: &'static str,
     /// Corpus WER: Σ errors / Σ reference words (a fraction, not a percentage).
     pub wer: f64,
     /// Σ substitutions.
@@ -250,6 +252,12 @@ fn context_result(ctx: &ContextOptions, utterances: Vec<UttResult>) -> ContextRe
         context_seconds: ctx.window.map(|f| f as f64 / FRAMES_PER_SECOND as f64),
         overlap: ctx.overlap,
         mode: ctx.mode,
+        dtype: match ctx.compute_dtype {
+            Some(DType::BF16) => "bfloat16",
+            Some(DType::F16) => "float16",
+            Some(other) => other.as_str(),
+            None => "float32",
+        },
         wer: errors as f64 / ref_words.max(1) as f64,
         substitutions,
         insertions,

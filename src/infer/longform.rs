@@ -60,6 +60,10 @@ pub struct ContextOptions {
     pub overlap: f64,
     /// How overlapping windows are merged.
     pub mode: LongformMode,
+    /// The compute dtype of the forward: bf16 or f16 (mixed precision, as in
+    /// training; on a GPU, attention on tensor cores, or candle-flash-attn in
+    /// a `flash-attn` build); `None`: f32.
+    pub compute_dtype: Option<DType>,
 }
 
 impl Default for ContextOptions {
@@ -70,6 +74,7 @@ impl Default for ContextOptions {
             window: None,
             overlap: DEFAULT_OVERLAP,
             mode: LongformMode::default(),
+            compute_dtype: None,
         }
     }
 }
@@ -126,12 +131,15 @@ pub fn log_probs_with_progress(
             opts.overlap
         );
     }
+    if opts.compute_dtype.is_some() && model.device().is_cpu() {
+        bail!("half-precision inference needs a GPU: on the CPU the model computes in float32");
+    }
     let classes = model.classes();
     let window = match opts.window {
         Some(0) => bail!("the context window must be at least 1 frame"),
         Some(w) if w < total => w,
         _ => {
-            let out = run_window(model, features, 0, total)?;
+            let out = run_window(model, features, 0, total, opts)?;
             progress(1, 1);
             let frames = out.len() / classes;
             return Ok(Tensor::from_vec(out, (frames, classes), &Device::Cpu)?);
@@ -145,7 +153,7 @@ pub fn log_probs_with_progress(
             let mut avg =
                 WindowAverager::new(classes, total, window, overlap, Placement::Reference)?;
             for (i, &(start, end)) in windows.iter().enumerate() {
-                let lp = run_window(model, features, start, end - start)?;
+                let lp = run_window(model, features, start, end - start, opts)?;
                 avg.add(start, end - start, &lp)?;
                 progress(i + 1, windows.len());
             }
@@ -156,7 +164,7 @@ pub fn log_probs_with_progress(
             let mut merger = BufferedMerger::new(classes);
             for (i, w) in windows.iter().enumerate() {
                 let (start, end) = w.buffer;
-                let lp = run_window(model, features, start, end - start)?;
+                let lp = run_window(model, features, start, end - start, opts)?;
                 merger.add(w, &lp)?;
                 progress(i + 1, windows.len());
             }
@@ -168,17 +176,28 @@ pub fn log_probs_with_progress(
 }
 
 /// Row-major `(out frames, classes)` log-posteriors of the input frames
-/// `[start, start + len)`.
-fn run_window(model: &Encoder, features: &Tensor, start: usize, len: usize) -> Result<Vec<f32>> {
+/// `[start, start + len)`, computed in `opts`' dtype.
+fn run_window(
+    model: &Encoder,
+    features: &Tensor,
+    start: usize,
+    len: usize,
+    opts: &ContextOptions,
+) -> Result<Vec<f32>> {
     let x = features
         .narrow(1, start, len)?
         .to_device(model.device())?
         .to_dtype(DType::F32)?
         .unsqueeze(0)?
         .contiguous()?;
-    let out = model.forward(&x, None, &ForwardOptions::default())?;
+    let forward = ForwardOptions {
+        compute_dtype: opts.compute_dtype,
+        ..Default::default()
+    };
+    let out = model.forward(&x, None, &forward)?;
     let lp = out
         .log_probs()?
+        .to_dtype(DType::F32)?
         .squeeze(0)?
         .to_device(&Device::Cpu)?
         .flatten_all()?

@@ -86,6 +86,8 @@ impl SelfAttention {
             window_left: self.window_left,
             window_right: self.window_right,
             dropout,
+            // Inference keeps no graph: candle-flash-attn may take it.
+            forward_only: !ctx.train,
         };
         let o = attention(&qkv, &opts)?;
         self.out.forward(&o, ctx)
