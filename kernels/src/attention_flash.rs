@@ -9,7 +9,7 @@
 //! heads (rotated as our kernels rotate them), packs the valid rows of each
 //! item when some item is shorter than N, and puts the zero rows back after.
 
-use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::attention::AttentionOptions;
 use crate::attention_tc_cuda::sm80_or_newer;
@@ -50,8 +50,9 @@ pub(crate) fn unsupported(qkv: &Tensor, opts: &AttentionOptions) -> Result<Optio
 }
 
 /// [`crate::attention::attention`] of `qkv` (B, N, 3*H*Dh) on
-/// candle-flash-attn, once [`unsupported`] has found nothing against it:
-/// (B, N, H*Dh) in `qkv`'s dtype, rows past each item's length zero.
+/// candle-flash-attn, once [`unsupported`] has found nothing against it and
+/// the options are checked (`Problem::new`): (B, N, H*Dh) in `qkv`'s dtype,
+/// rows past each item's length zero.
 pub(crate) fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor> {
     let (b, n, _) = qkv.dims3()?;
     let (h, dh) = (opts.n_heads, opts.head_dim);
@@ -70,9 +71,6 @@ pub(crate) fn attention(qkv: &Tensor, opts: &AttentionOptions) -> Result<Tensor>
             return o.reshape((b, n, h * dh));
         }
     };
-    if lengths.len() != b {
-        bail!("attention: {} lengths for a batch of {b}", lengths.len());
-    }
     if lengths.iter().all(|&len| len == 0) {
         return Tensor::zeros((b, n, h * dh), qkv.dtype(), qkv.device());
     }
