@@ -47,7 +47,8 @@ grep -q '^void run_mha_fwd' "$src" || { echo "flash_nvcc.sh: no entry point in $
   echo "    std::fprintf(stderr, \"lcasr: flash-attention kernel $name is not in this restricted build (benches/gpu/flash_nvcc.sh)\\n\");"
   echo '    std::abort();'
   echo '}'
-} > "$stub.tmp"
-mv "$stub.tmp" "$stub"
+} > "$stub.$$.tmp"
+# Written aside and renamed: parallel nvcc calls (and builds) may share the file.
+mv "$stub.$$.tmp" "$stub"
 args[$last]=$stub
 exec "$real_nvcc" "${args[@]}" "-I$(dirname -- "$src")"
