@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use lcasr::config::{self, ConfigError, LoadOptions};
+use lcasr::config::{self, ConfigError, DtypeName, LoadOptions};
 use lcasr::experiment::{self, Experiment, ExperimentError, Outcome};
 use lcasr::infer::longform::{ContextOptions, LongformMode};
 use lcasr::infer::transcribe::TranscriptFormat;
@@ -192,16 +192,8 @@ struct ModelArgs {
     /// The compute dtype: float32, or bfloat16/float16 mixed precision on a
     /// GPU (as in training: attention on tensor cores, or candle-flash-attn in
     /// a `--features flash-attn` build).
-    #[arg(long, value_enum, default_value_t = ComputeDtype::Float32)]
-    dtype: ComputeDtype,
-}
-
-/// The compute dtype of inference (`--dtype`).
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ComputeDtype {
-    Float32,
-    Bfloat16,
-    Float16,
+    #[arg(long, value_enum, default_value_t = DtypeName::Float32)]
+    dtype: DtypeName,
 }
 
 /// How much of a recording the model sees at once.
@@ -687,11 +679,7 @@ impl LongformArgs {
             window,
             overlap: self.overlap,
             mode: self.mode,
-            compute_dtype: match model.dtype {
-                ComputeDtype::Float32 => None,
-                ComputeDtype::Bfloat16 => Some(candle_core::DType::BF16),
-                ComputeDtype::Float16 => Some(candle_core::DType::F16),
-            },
+            dtype: model.dtype,
         }
     }
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, D};
-use lcasr::config::{load_model_section, ModelConfig};
+use lcasr::config::{load_model_section, DtypeName, ModelConfig};
 use lcasr::data::prepare::{discover, prepare};
 use lcasr::infer::eval::{evaluate, format_context, format_table, parse_context};
 use lcasr::infer::load::{load_model, LoadOptions, LoadedModel, TOKENIZER_FILE};
@@ -394,7 +394,7 @@ fn half_precision_inference_on_the_cpu_is_refused() {
     let model = tiny_model(&tok, 8);
     let features = random_features(100, 3);
     let opts = ContextOptions {
-        compute_dtype: Some(candle_core::DType::BF16),
+        dtype: DtypeName::Bfloat16,
         ..Default::default()
     };
     let err = log_probs(&model, &features, &opts).unwrap_err().to_string();
@@ -410,7 +410,7 @@ fn non_overlapping_windows_are_separate_forward_passes() {
         window: Some(96),
         overlap: 0.0,
         mode: LongformMode::AveragedMovingWindow,
-        compute_dtype: None,
+        dtype: DtypeName::Float32,
     };
     let got = rows(&log_probs(&model, &features, &opts).unwrap());
     // Windows [0,96) [96,192) [192,288) [288,300), each run on its own.

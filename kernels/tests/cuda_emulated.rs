@@ -59,7 +59,7 @@ fn check(harness: &str, cases: usize) {
 /// every head dim the tensor-core kernels are built for.
 #[test]
 fn attention_on_emulated_gpu() {
-    // 5 cases x 3 kernels.
+    // 6 cases x 3 kernels.
     check("attention.cpp", 18);
 }
 
@@ -70,7 +70,7 @@ fn attention_on_emulated_gpu() {
 /// f32 exp/log rounding accumulated over its frames).
 #[test]
 fn ctc_on_emulated_gpu() {
-    // 4 cases.
+    // 5 cases.
     check("ctc.cpp", 5);
 }
 

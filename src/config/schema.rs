@@ -564,17 +564,30 @@ impl<'de> Deserialize<'de> for Seed {
     }
 }
 
-/// Compute dtype under autocast on GPUs (CPU training is float32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// Compute dtype under autocast on GPUs (CPU training is float32); also
+/// `--dtype` of `lcasr eval` / `transcribe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DtypeName {
-    /// bfloat16 (the reference).
+    /// bfloat16 mixed precision (the reference's).
     #[default]
     Bfloat16,
-    /// float16 with loss scaling.
+    /// float16 mixed precision (training adds a dynamic loss scale).
     Float16,
-    /// float32.
+    /// float32 throughout.
     Float32,
+}
+
+impl DtypeName {
+    /// The dtype forward passes compute in under this name: bf16 or f16
+    /// (mixed precision), `None` for float32.
+    pub fn compute_dtype(self) -> Option<candle_core::DType> {
+        match self {
+            DtypeName::Bfloat16 => Some(candle_core::DType::BF16),
+            DtypeName::Float16 => Some(candle_core::DType::F16),
+            DtypeName::Float32 => None,
+        }
+    }
 }
 
 /// The `training:` section.

@@ -9,12 +9,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
 use super::load::LoadedModel;
 use super::longform::{log_probs_with_progress, ContextOptions, LongformMode};
 use crate::audio::features::{FeatureRecipe, HOP_LENGTH, SAMPLE_RATE};
+use crate::config::DtypeName;
 use crate::data::dataset::read_whole_features;
 use crate::data::manifest::{Manifest, Recording};
 use crate::decode::greedy::greedy;
@@ -59,8 +60,8 @@ pub struct ContextResult {
     pub overlap: f64,
     /// How windows were merged.
     pub mode: LongformMode,
-    /// The compute dtype of the forward (`float32`, `bfloat16`, `float16`).
-    pub dtype: &'static str,
+    /// The compute dtype of the forward.
+    pub dtype: DtypeName,
     /// Corpus WER: Σ errors / Σ reference words (a fraction, not a percentage).
     pub wer: f64,
     /// Σ substitutions.
@@ -252,12 +253,7 @@ fn context_result(ctx: &ContextOptions, utterances: Vec<UttResult>) -> ContextRe
         context_seconds: ctx.window.map(|f| f as f64 / FRAMES_PER_SECOND as f64),
         overlap: ctx.overlap,
         mode: ctx.mode,
-        dtype: match ctx.compute_dtype {
-            Some(DType::BF16) => "bfloat16",
-            Some(DType::F16) => "float16",
-            Some(other) => other.as_str(),
-            None => "float32",
-        },
+        dtype: ctx.dtype,
         wer: errors as f64 / ref_words.max(1) as f64,
         substitutions,
         insertions,

@@ -9,6 +9,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
+use crate::config::DtypeName;
 use crate::decode::window::{
     buffered_windows, window_starts, BufferedMerger, Placement, WindowAverager,
 };
@@ -60,10 +61,10 @@ pub struct ContextOptions {
     pub overlap: f64,
     /// How overlapping windows are merged.
     pub mode: LongformMode,
-    /// The compute dtype of the forward: bf16 or f16 (mixed precision, as in
-    /// training; on a GPU, attention on tensor cores, or candle-flash-attn in
-    /// a `flash-attn` build); `None`: f32.
-    pub compute_dtype: Option<DType>,
+    /// The compute dtype of the forward: float32, or bfloat16 / float16
+    /// (mixed precision, as in training; on a GPU, attention on tensor cores,
+    /// or candle-flash-attn in a `flash-attn` build).
+    pub dtype: DtypeName,
 }
 
 impl Default for ContextOptions {
@@ -74,7 +75,7 @@ impl Default for ContextOptions {
             window: None,
             overlap: DEFAULT_OVERLAP,
             mode: LongformMode::default(),
-            compute_dtype: None,
+            dtype: DtypeName::Float32,
         }
     }
 }
@@ -131,7 +132,7 @@ pub fn log_probs_with_progress(
             opts.overlap
         );
     }
-    if opts.compute_dtype.is_some() && model.device().is_cpu() {
+    if opts.dtype != DtypeName::Float32 && model.device().is_cpu() {
         bail!("half-precision inference needs a GPU: on the CPU the model computes in float32");
     }
     let classes = model.classes();
@@ -191,7 +192,7 @@ fn run_window(
         .unsqueeze(0)?
         .contiguous()?;
     let forward = ForwardOptions {
-        compute_dtype: opts.compute_dtype,
+        compute_dtype: opts.dtype.compute_dtype(),
         ..Default::default()
     };
     let out = model.forward(&x, None, &forward)?;

@@ -18,7 +18,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, TensorId};
 
 use super::errors::{script_error, ScriptResult};
-use crate::config::{Config, DtypeName};
+use crate::config::Config;
 use crate::parallel::Collective;
 use crate::train::rng::RunRng;
 
@@ -183,11 +183,7 @@ pub fn compute_dtype() -> Option<DType> {
         if session.device.is_cpu() {
             return None;
         }
-        match session.config.as_ref()?.training.dtype {
-            DtypeName::Bfloat16 => Some(DType::BF16),
-            DtypeName::Float16 => Some(DType::F16),
-            DtypeName::Float32 => None,
-        }
+        session.config.as_ref()?.training.dtype.compute_dtype()
     })
 }
 
